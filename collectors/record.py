@@ -1,0 +1,246 @@
+"""One signature on the wire: the :class:`Record` and its versioned binary encoding.
+
+Binary layout (all integers little-endian), format version 1::
+
+    offset  size  field
+    0       4     magic  b"LWSR"
+    4       1     format version (1)
+    5       1     flags (0; reserved)
+    6       2     reserved (0)
+    8       4     H: header length in bytes   (<= MAX_HEADER)
+    12      4     P: payload length in bytes  (<= MAX_PAYLOAD)
+    16      H     header: UTF-8 JSON object (fields below)
+    16+H    P     payload: the arrays, back to back, in header order, C order, little-endian
+    16+H+P  4     CRC-32 (zlib) of bytes [0, 16+H+P)
+
+Header fields: ``schema`` (1), ``model`` (model name, a bounded label), ``fingerprint`` (model
+fingerprint, see :mod:`collectors.fingerprint`), ``ts`` (unix seconds), ``key`` (hex hash of the request
+key; the key itself never leaves the process), ``n_tokens``, ``meta`` (at most 16 short string pairs),
+``text`` (only when the operator enabled it, else absent) and ``arrays``: a list of
+``{"site", "name", "dtype" ("f4"|"f2"), "shape"}``.
+
+Arrays per site: ``mean`` and ``last`` (pooled activations, ``[d]``), ``norm`` (``[2]``: mean and last
+token L2 norm) for activation sites; ``heads`` (``[n_heads, 4]``, see
+:data:`collectors.attention.STAT_NAMES`) for attention sites.
+
+:func:`decode` accepts arbitrary bytes and either returns a :class:`Record` or raises
+:class:`RecordError` with the reason; it never reads past the buffer and allocates at most the
+buffer's size.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import struct
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+MAGIC = b"LWSR"
+VERSION = 1
+SCHEMA = 1
+PREFIX = struct.Struct("<4sBBHII")
+MAX_HEADER = 1 << 20
+MAX_PAYLOAD = 64 << 20
+MAX_ARRAYS = 4096
+MAX_META = 16
+MAX_TEXT = 65536
+_DTYPES = {"f4": np.dtype("<f4"), "f2": np.dtype("<f2")}
+_META_KEY = re.compile(r"^[a-z_][a-z0-9_]{0,31}$")
+_NAME = re.compile(r"^[A-Za-z0-9_.:/\-]{1,200}$")
+
+
+class RecordError(ValueError):
+    """Bytes or fields that are not a valid record."""
+
+
+@dataclass
+class Record:
+    """One sampled request's signature plus its envelope."""
+
+    model: str
+    fingerprint: str
+    key: str
+    n_tokens: int
+    sites: dict[str, dict[str, np.ndarray]]
+    ts: float = 0.0
+    meta: dict[str, str] = field(default_factory=dict)
+    text: str | None = None
+
+    def site_dims(self) -> dict[str, dict[str, tuple[int, ...]]]:
+        """``{site: {array: shape}}``: what a probe or baseline checks before using the record."""
+        return {s: {n: tuple(a.shape) for n, a in arrays.items()} for s, arrays in self.sites.items()}
+
+    def is_finite(self) -> bool:
+        """False if any array holds NaN or infinity (the monitor counts such records as invalid)."""
+        return all(bool(np.isfinite(a).all()) for arrays in self.sites.values() for a in arrays.values())
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict (arrays as nested lists) for debugging and tests."""
+        out: dict[str, Any] = {
+            "schema": SCHEMA,
+            "model": self.model,
+            "fingerprint": self.fingerprint,
+            "ts": self.ts,
+            "key": self.key,
+            "n_tokens": self.n_tokens,
+            "meta": dict(self.meta),
+            "sites": {s: {n: a.tolist() for n, a in arrays.items()} for s, arrays in self.sites.items()},
+        }
+        if self.text is not None:
+            out["text"] = self.text
+        return out
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> Record:
+        """Inverse of :meth:`to_json`; validates like :func:`decode`."""
+        if not isinstance(obj, dict) or obj.get("schema") != SCHEMA:
+            raise RecordError(f"not a schema-{SCHEMA} record object")
+        try:
+            sites = {
+                str(s): {str(n): np.asarray(v, dtype=np.float32) for n, v in arrays.items()}
+                for s, arrays in obj["sites"].items()
+            }
+            rec = cls(
+                model=obj["model"], fingerprint=obj["fingerprint"], key=obj["key"],
+                n_tokens=obj["n_tokens"], sites=sites, ts=obj.get("ts", 0.0),
+                meta=obj.get("meta", {}), text=obj.get("text"),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise RecordError(f"malformed record object: {exc}") from exc
+        _validate_fields(rec)
+        return rec
+
+
+def _validate_fields(rec: Record) -> None:
+    for name, value in (("model", rec.model), ("fingerprint", rec.fingerprint), ("key", rec.key)):
+        if not isinstance(value, str) or not _NAME.match(value):
+            raise RecordError(f"field {name!r} must be a short name of [A-Za-z0-9_.:/-], got {value!r:.80}")
+    if not isinstance(rec.n_tokens, int) or isinstance(rec.n_tokens, bool) or not 0 <= rec.n_tokens < 2**31:
+        raise RecordError(f"n_tokens must be a non-negative int, got {rec.n_tokens!r:.40}")
+    if not isinstance(rec.ts, (int, float)) or isinstance(rec.ts, bool) or not math.isfinite(rec.ts):
+        raise RecordError("ts must be a finite number")
+    if not isinstance(rec.meta, dict) or len(rec.meta) > MAX_META:
+        raise RecordError(f"meta must be a dict of at most {MAX_META} entries")
+    for k, v in rec.meta.items():
+        if not isinstance(k, str) or not _META_KEY.match(k):
+            raise RecordError(f"meta key {k!r:.40} must match {_META_KEY.pattern}")
+        if not isinstance(v, str) or len(v) > 128:
+            raise RecordError(f"meta value for {k!r} must be a string of at most 128 characters")
+    if rec.text is not None and (not isinstance(rec.text, str) or len(rec.text) > MAX_TEXT):
+        raise RecordError(f"text must be a string of at most {MAX_TEXT} characters")
+    if not isinstance(rec.sites, dict):
+        raise RecordError("sites must be a dict")
+    for site, arrays in rec.sites.items():
+        if not isinstance(site, str) or not _NAME.match(site) or not isinstance(arrays, dict):
+            raise RecordError(f"bad site entry {site!r:.80}")
+        for name in arrays:
+            if not isinstance(name, str) or not _NAME.match(name):
+                raise RecordError(f"bad array name {name!r:.80} at site {site!r}")
+
+
+def encode(rec: Record, *, half: bool = False) -> bytes:
+    """Encode ``rec`` (arrays as float32, or float16 with ``half=True``)."""
+    _validate_fields(rec)
+    dtype_code = "f2" if half else "f4"
+    specs, chunks = [], []
+    for site, arrays in rec.sites.items():
+        for name, arr in arrays.items():
+            a = np.ascontiguousarray(arr, dtype=_DTYPES[dtype_code])
+            specs.append({"site": site, "name": name, "dtype": dtype_code, "shape": list(a.shape)})
+            chunks.append(a.tobytes())
+    header: dict[str, Any] = {
+        "schema": SCHEMA, "model": rec.model, "fingerprint": rec.fingerprint, "ts": float(rec.ts),
+        "key": rec.key, "n_tokens": int(rec.n_tokens), "meta": rec.meta, "arrays": specs,
+    }
+    if rec.text is not None:
+        header["text"] = rec.text
+    hbytes = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
+    payload = b"".join(chunks)
+    if len(hbytes) > MAX_HEADER or len(payload) > MAX_PAYLOAD:
+        raise RecordError("record too large to encode")
+    body = PREFIX.pack(MAGIC, VERSION, 0, 0, len(hbytes), len(payload)) + hbytes + payload
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+def frame_length(prefix: bytes) -> int:
+    """Total encoded length announced by a record's first 16 bytes (used to read streams)."""
+    if len(prefix) < PREFIX.size:
+        raise RecordError(f"truncated record: {len(prefix)} bytes, need at least {PREFIX.size}")
+    magic, version, _flags, _res, hlen, plen = PREFIX.unpack_from(prefix)
+    if magic != MAGIC:
+        raise RecordError(f"bad magic {magic!r}: not a latentwatch record")
+    if version != VERSION:
+        raise RecordError(f"unsupported record format version {version} (this build reads {VERSION})")
+    if hlen > MAX_HEADER or plen > MAX_PAYLOAD:
+        raise RecordError(f"record announces {hlen} header / {plen} payload bytes, over the limits")
+    return PREFIX.size + hlen + plen + 4
+
+
+def decode(data: bytes | bytearray | memoryview) -> Record:
+    """Decode one record; raise :class:`RecordError` (never anything else) on any bad input."""
+    try:
+        return _decode(bytes(data))
+    except RecordError:
+        raise
+    except Exception as exc:  # last line of defence: untrusted bytes must never escape as other errors
+        raise RecordError(f"undecodable record: {type(exc).__name__}: {exc}") from exc
+
+
+def _decode(data: bytes) -> Record:
+    total = frame_length(data[: PREFIX.size])
+    if len(data) != total:
+        raise RecordError(f"record length {len(data)} does not match the {total} bytes it announces")
+    _, _, _, _, hlen, plen = PREFIX.unpack_from(data)
+    (crc,) = struct.unpack_from("<I", data, total - 4)
+    if zlib.crc32(data[: total - 4]) != crc:
+        raise RecordError("checksum mismatch: record is corrupt")
+    try:
+        header = json.loads(data[PREFIX.size : PREFIX.size + hlen].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RecordError(f"record header is not UTF-8 JSON: {exc}") from exc
+    if not isinstance(header, dict):
+        raise RecordError("record header is not a JSON object")
+    if header.get("schema") != SCHEMA:
+        raise RecordError(f"unsupported record schema {header.get('schema')!r} (this build reads {SCHEMA})")
+    specs = header.get("arrays")
+    if not isinstance(specs, list) or len(specs) > MAX_ARRAYS:
+        raise RecordError("record header 'arrays' must be a list of at most 4096 entries")
+    payload = memoryview(data)[PREFIX.size + hlen : PREFIX.size + hlen + plen]
+    sites: dict[str, dict[str, np.ndarray]] = {}
+    offset = 0
+    for spec in specs:
+        if not isinstance(spec, dict):
+            raise RecordError("array spec is not an object")
+        dtype = _DTYPES.get(spec.get("dtype"))
+        shape = spec.get("shape")
+        if dtype is None:
+            raise RecordError(f"unsupported array dtype {spec.get('dtype')!r:.20}")
+        if (not isinstance(shape, list) or len(shape) > 4
+                or not all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= plen for n in shape)):
+            raise RecordError(f"bad array shape {shape!r:.60}")
+        nbytes = math.prod(shape) * dtype.itemsize  # Python ints: no overflow
+        if offset + nbytes > plen:
+            raise RecordError("arrays run past the end of the payload")
+        arr = np.frombuffer(payload[offset : offset + nbytes], dtype=dtype).reshape(shape).astype(np.float32)
+        offset += nbytes
+        site, name = spec.get("site"), spec.get("name")
+        if not isinstance(site, str) or not isinstance(name, str):
+            raise RecordError("array spec needs string 'site' and 'name'")
+        if name in sites.setdefault(site, {}):
+            raise RecordError(f"duplicate array {site}/{name}")
+        sites[site][name] = arr
+    if offset != plen:
+        raise RecordError(f"payload has {plen - offset} bytes not described by the header")
+    meta = header.get("meta", {})
+    rec = Record(
+        model=header.get("model"), fingerprint=header.get("fingerprint"), key=header.get("key"),
+        n_tokens=header.get("n_tokens"), sites=sites, ts=header.get("ts", 0.0), meta=meta,
+        text=header.get("text"),
+    )
+    _validate_fields(rec)
+    return rec

@@ -1,0 +1,52 @@
+"""Reduce captured activations and attention to a request's signature (runs in the tap's worker).
+
+For an activation site, each sampled request leaves:
+
+* ``mean`` -- mean of the token vectors over the request's real tokens (attention mask = 1);
+* ``last`` -- the vector at the last real token (what a causal LM predicts the next token from);
+* ``norm`` -- ``[mean token L2 norm, last token L2 norm]``.
+
+For an attention site, ``heads`` -- ``[n_heads, 4]``, see :func:`collectors.attention.head_statistics`.
+Left and right padding give the same signature as the unpadded request, because every reduction
+uses the mask.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from collectors import attention
+
+
+def first_last_index(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the first and last real token of each row of a ``[rows, T]`` 0/1 mask."""
+    t = mask.shape[1]
+    pos = torch.arange(t, device=mask.device)
+    m = mask.bool()
+    first = torch.where(m, pos, t).amin(1).clamp_max(t - 1)
+    last = torch.where(m, pos, -1).amax(1).clamp_min(0)
+    return first, last
+
+
+def pool_activations(hidden: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``hidden`` ``[rows, T, d]``, ``mask`` ``[rows, T]`` -> ``{"mean": [rows, d], "last": .., "norm": [rows, 2]}``."""
+    h = hidden.float()
+    m = mask.to(h.dtype)
+    count = m.sum(1, keepdim=True).clamp_min(1)
+    mean = (h * m[..., None]).sum(1) / count
+    _, last_idx = first_last_index(mask)
+    last = h[torch.arange(h.shape[0], device=h.device), last_idx]
+    token_norms = h.norm(dim=-1)
+    norm = torch.stack([(token_norms * m).sum(1) / count[:, 0], last.norm(dim=-1)], dim=-1)
+    return {"mean": mean, "last": last, "norm": norm}
+
+
+def attention_heads(cap: attention.AttentionCapture, mask: torch.Tensor) -> torch.Tensor:
+    """Per-head statistics ``[rows, heads, 4]`` of one captured attention call over prompt ``mask``."""
+    tq = cap.query.shape[2]
+    tk = cap.key.shape[2]
+    key_mask = mask[:, -tk:] if mask.shape[1] >= tk else mask
+    probs = attention.probabilities(cap, key_mask=key_mask)
+    first, _ = first_last_index(key_mask)
+    query_mask = key_mask[:, -tq:]
+    return attention.head_statistics(probs, query_mask, first, query_offset=tk - tq)

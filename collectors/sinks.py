@@ -1,0 +1,158 @@
+"""Where records go after the tap: an in-process queue or an append-only file.
+
+A sink is anything with ``write(record)``, ``flush()`` and ``close()`` (:class:`Sink`). The tap calls
+``write`` from its background worker, never from the forward pass; a sink may still be slow or fail,
+and the tap counts its exceptions. Network sinks (Kafka) implement the same three methods.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+from collectors.record import MAGIC, PREFIX, VERSION, Record, RecordError, decode, encode, frame_length
+
+log = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class Sink(Protocol):
+    """What the tap hands records to."""
+
+    def write(self, record: Record) -> None: ...
+    def flush(self) -> None: ...
+    def close(self) -> None: ...
+
+
+class QueueSink:
+    """Bounded in-process hand-off to a monitor in the same process.
+
+    ``write`` never blocks: when ``maxsize`` records are waiting, the record is dropped and counted
+    in ``dropped``.
+    """
+
+    def __init__(self, maxsize: int = 10_000) -> None:
+        self._q: queue.Queue[Record] = queue.Queue(maxsize=maxsize)
+        self.dropped = 0
+        self.written = 0
+
+    def write(self, record: Record) -> None:
+        try:
+            self._q.put_nowait(record)
+            self.written += 1
+        except queue.Full:
+            self.dropped += 1
+
+    def get(self, timeout: float | None = None) -> Record | None:
+        """Next record, or None after ``timeout`` seconds without one."""
+        try:
+            return self._q.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def drain(self) -> list[Record]:
+        """All records waiting now."""
+        out = []
+        while True:
+            try:
+                out.append(self._q.get_nowait())
+            except queue.Empty:
+                return out
+
+    def __len__(self) -> int:
+        return self._q.qsize()
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class FileSink:
+    """Append encoded records to a file (the format of :mod:`collectors.record`, back to back).
+
+    Used for replay and for building baselines. ``half=True`` stores arrays as float16 (half the size).
+    Each ``flush`` hands the bytes to the OS; ``fsync=True`` also forces them to disk.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, half: bool = False, fsync: bool = False) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(self.path, "ab")  # noqa: SIM115 - closed by close()
+        self._lock = threading.Lock()
+        self.half = half
+        self.fsync = fsync
+        self.written = 0
+
+    def write(self, record: Record) -> None:
+        data = encode(record, half=self.half)
+        with self._lock:
+            self._f.write(data)
+            self.written += 1
+
+    def flush(self) -> None:
+        with self._lock:
+            if not self._f.closed:
+                self._f.flush()
+                if self.fsync:
+                    os.fsync(self._f.fileno())
+
+    def close(self) -> None:
+        self.flush()
+        with self._lock:
+            self._f.close()
+
+    def __enter__(self) -> FileSink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class FileReadStats:
+    """What :func:`read_file` skipped: corrupt records and a truncated tail."""
+
+    def __init__(self) -> None:
+        self.records = 0
+        self.corrupt = 0
+        self.truncated_tail_bytes = 0
+        self.errors: list[str] = []
+
+
+def read_file(path: str | os.PathLike[str], stats: FileReadStats | None = None) -> Iterator[Record]:
+    """Yield the records of a file written by :class:`FileSink`.
+
+    A corrupt record is counted in ``stats.corrupt`` and skipped (reading resumes at the next record
+    boundary it can find); a truncated last record (a writer cut off mid-write) is counted in
+    ``stats.truncated_tail_bytes``. Nothing else is lost.
+    """
+    stats = stats if stats is not None else FileReadStats()
+    data = Path(path).read_bytes()
+    pos, n = 0, len(data)
+    while pos < n:
+        try:
+            total = frame_length(data[pos : pos + PREFIX.size])
+            if pos + total > n:
+                stats.truncated_tail_bytes = n - pos
+                log.warning("%s: last record truncated (%d bytes ignored)", path, n - pos)
+                return
+            rec = decode(data[pos : pos + total])
+        except RecordError as exc:
+            if pos + PREFIX.size > n:
+                stats.truncated_tail_bytes = n - pos
+                return
+            stats.corrupt += 1
+            if len(stats.errors) < 20:
+                stats.errors.append(f"offset {pos}: {exc}")
+            nxt = data.find(MAGIC + bytes([VERSION, 0, 0, 0]), pos + 1)
+            pos = nxt if nxt >= 0 else n
+            continue
+        stats.records += 1
+        pos += total
+        yield rec
