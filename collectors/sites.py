@@ -18,6 +18,7 @@ decoders, BERT-style encoders); anything else is found by looking for the model'
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass
 
@@ -117,20 +118,14 @@ def available(model: nn.Module) -> list[Site]:
     _, blocks = find_blocks(model)
     sites: list[Site] = []
     for name in ["embed"]:
-        try:
+        with contextlib.suppress(SiteError):
             sites.append(resolve(model, name))
-        except SiteError:
-            pass
     for i in range(len(blocks)):
         for what in ("attn", "mlp", "resid"):
-            try:
+            with contextlib.suppress(SiteError):
                 sites.append(resolve(model, f"layers.{i}.{what}"))
-            except SiteError:
-                pass
-    try:
+    with contextlib.suppress(SiteError):
         sites.append(resolve(model, "final"))
-    except SiteError:
-        pass
     return sites
 
 

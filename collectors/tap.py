@@ -73,6 +73,7 @@ class TapStats:
     worker_errors: int = 0
     sink_errors: int = 0
     metadata_rejected: int = 0
+    worker_busy_seconds: float = 0.0
 
 
 @dataclass
@@ -358,6 +359,7 @@ class Tap:
         torch.set_grad_enabled(False)
         while True:
             cap = self._queue.get()
+            started = time.perf_counter()
             try:
                 if cap is _STOP:
                     return
@@ -373,6 +375,7 @@ class Tap:
                     except Exception:
                         self._count_error("sink_errors", "sink write failed")
             finally:
+                self.stats.worker_busy_seconds += time.perf_counter() - started
                 self._queue.task_done()
 
     def reduce(self, cap: _Capture) -> list[Record]:
