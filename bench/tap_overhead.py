@@ -3,6 +3,7 @@
 Configurations (each attached with a fresh tap, sink = in-process queue):
   act_0 / act_10 / act_100     three residual sites, 0 %, 10 %, 100 % of requests sampled
   attn_10 / attn_100           the same plus attention statistics at three attention sites
+  eager (no tap)               the alternative design: every request on eager attention
 
 The model runs on one thread (``torch.set_num_threads(1)``); the tap's worker reduces captures on
 the other core, so the ratios measure what the forward pass itself pays. The worker's own cost is
@@ -104,14 +105,17 @@ def main() -> None:
     hook_seconds: dict[str, list[float]] = {k: [] for k in CONFIGS}
     base_times: list[float] = []
     step = 0
-    order = ["detached", *CONFIGS]
+    order = ["detached", "eager", *CONFIGS]
+    eager_ratios: list[float] = []
     for _ in range(args.rounds):
         random.shuffle(order)
         times: dict[str, float] = {}
         cpu: dict[str, float] = {}
         for name in order:
             tap = None
-            if name != "detached":
+            if name == "eager":  # the alternative: every request on eager attention (output_attentions)
+                model.config._attn_implementation = "eager"
+            elif name != "detached":
                 rate, attn = CONFIGS[name]
                 tap = Tap(model, act_sites + (attn_sites if attn else []), sink=QueueSink(100_000),
                           sample_rate=rate, queue_size=64)
@@ -121,6 +125,7 @@ def main() -> None:
             for _ in range(args.reps):
                 samples.append(timed(step))
                 step += 1
+            model.config._attn_implementation = "sdpa"
             times[name] = statistics.median(w for w, _ in samples)
             cpu[name] = statistics.median(c for _, c in samples)
             if tap is not None:
@@ -130,6 +135,7 @@ def main() -> None:
                     busy[name].append(1000 * tap.stats.worker_busy_seconds / tap.stats.records_emitted)
                 tap.detach()
         base_times.append(times["detached"])
+        eager_ratios.append(cpu["eager"] / cpu["detached"])
         for name in CONFIGS:
             ratios[name].append(times[name] / times["detached"])
             cpu_ratios[name].append(cpu[name] / cpu["detached"])
@@ -145,6 +151,7 @@ def main() -> None:
         q = statistics.quantiles(cpu_ratios[name], n=4)
         result[f"cpu_overhead_ratio_{name}_iqr"] = [round(q[0], 4), round(q[2], 4)]
     base = statistics.median(base_times)
+    result["cpu_ratio_eager_attention_all_requests"] = round(statistics.median(eager_ratios), 4)
     for name in CONFIGS:
         result[f"hook_overhead_ratio_{name}"] = round(1 + statistics.median(hook_seconds[name]) / base, 5)
         result[f"hook_ms_per_forward_{name}"] = round(1000 * statistics.median(hook_seconds[name]), 3)

