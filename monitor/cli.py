@@ -75,3 +75,106 @@ def inspect(
                   f"{stats.truncated_tail_bytes} bytes of truncated tail")
     if stats.corrupt:
         raise typer.Exit(1)
+
+
+probes_app = typer.Typer(help="Train, evaluate and inspect concept probes.", no_args_is_help=True)
+app.add_typer(probes_app, name="probes")
+
+
+@probes_app.command("train")
+def probes_train(
+    specs: list[Path] = typer.Argument(None, help="concept spec YAML files (see docs/probes.md)"),
+    builtin: bool = typer.Option(False, "--builtin", help="train the built-in concept pack"),
+    model: str = typer.Option("smollm2", help="smollm2, minilm or a transformers folder"),
+    out: Path = typer.Option(None, help="output folder (default: the model's pack folder in the cache)"),
+    max_per_source: int = typer.Option(None, help="cap texts per source (default: the spec's)"),
+    site: str = typer.Option(None, help="train at this site instead of choosing the best"),
+) -> None:
+    """Train one probe per concept spec and save it with its probe card."""
+    from collectors import models
+    from collectors.fingerprint import fingerprint
+    from monitor.concepts import builtin_specs, load_spec
+    from monitor.train import pack_dir, train_specs
+
+    try:
+        loaded_specs = (builtin_specs() if builtin else []) + [load_spec(p) for p in specs or []]
+    except (ValueError, FileNotFoundError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    if not loaded_specs:
+        console.print("[red]error:[/red] give spec files or --builtin")
+        raise typer.Exit(2)
+    lm = models.load(model)
+    out = out or pack_dir(fingerprint(lm.model))
+    probes = train_specs(loaded_specs, lm, out, max_per_source=max_per_source, site=site)
+    _print_cards([p.card for p in probes])
+    console.print(f"saved {len(probes)} probes to {out}")
+
+
+@probes_app.command("show")
+def probes_show(folder: Path = typer.Argument(..., help="folder of *.probe.json files")) -> None:
+    """Print the probe cards of a folder."""
+    from monitor.probe import ProbeError, ProbeSet
+
+    try:
+        probe_set = ProbeSet.load_dir(folder)
+    except ProbeError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    _print_cards([p.card for p in probe_set.probes])
+
+
+@probes_app.command("eval")
+def probes_eval(
+    probe: Path = typer.Argument(..., help="a *.probe.json file"),
+    file: Path = typer.Option(..., help="labelled CSV or JSONL file"),
+    label_field: str = typer.Option("label", help="field holding the label"),
+    positive: list[str] = typer.Option(..., help="label value(s) meaning the concept is present"),
+    text_field: str = typer.Option("text", help="field holding the text"),
+    model: str = typer.Option("smollm2", help="the model the probe was trained on"),
+) -> None:
+    """Score a labelled file with a probe and compare with its card; exit 1 when quality dropped."""
+    import numpy as np
+
+    from collectors import models
+    from monitor.concepts import SourceSpec
+    from monitor.features import FeatureCache
+    from monitor.probe import Probe, ProbeError
+    from monitor.train import evaluate
+
+    lm = models.load(model)
+    cache = FeatureCache(lm)
+    try:
+        p = Probe.load(probe, fingerprint=cache.fingerprint)
+        rows = SourceSpec(source="file", path=str(file), text_field=text_field).load()
+    except (ProbeError, ValueError, FileNotFoundError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    missing = [i for i, t in enumerate(rows, 1) if label_field not in t.labels]
+    if missing:
+        console.print(f"[red]error:[/red] rows {missing[:5]} have no field {label_field!r}")
+        raise typer.Exit(2)
+    labels = np.array([int(t.labels[label_field] in positive) for t in rows])
+    if labels.min() == labels.max():
+        console.print(f"[red]error:[/red] need both classes; labels {positive} matched {labels.sum()} of {len(rows)}")
+        raise typer.Exit(2)
+    result = evaluate(p, lm, cache, [t.text for t in rows], labels)
+    console.print_json(json.dumps(result))
+    if "warning" in result:
+        console.print(f"[yellow]warning:[/yellow] {result['warning']}")
+        raise typer.Exit(1)
+
+
+def _print_cards(cards: list[dict]) -> None:
+    table = Table(title="probe cards (held-out and cross-source AUROC; control = shuffled labels)")
+    for col in ("concept", "site", "held-out AUROC", "acc", "ECE", "control", "cross-source AUROC", "n"):
+        table.add_column(col)
+    for c in cards:
+        h = c["held_out"]
+        cross = ", ".join(f"{k}: {v['auroc']:.3f}" for k, v in c.get("cross_source", {}).items())
+        table.add_row(c["concept"], f"{c['site']}/{c['pooling']}", f"{h['auroc']:.3f}", f"{h['accuracy']:.3f}",
+                      f"{h['ece']:.3f}", f"{c['shuffled_label_control_auroc']:.3f}", cross or "-",
+                      str(c["training"]["train_size"] + c["training"]["held_out_size"]))
+    console.print(table)
+    if cards:
+        console.print(f"[dim]{cards[0]['caveat']}[/dim]")

@@ -94,7 +94,7 @@ class FeatureCache:
         missing: dict[str, str] = {}
         for site in sites:
             have = set(self._load(site)["keys"].tolist())
-            for k, t in zip(keys, texts):
+            for k, t in zip(keys, texts, strict=True):
                 if k not in have:
                     missing[k] = t
         if missing:
@@ -111,7 +111,7 @@ class FeatureCache:
                     continue
                 merged = {"keys": np.concatenate([store["keys"], new_keys[fresh]])}
                 for p in POOLINGS:
-                    add = np.stack([r.sites[site][p] for r, f in zip(recs, fresh) if f])
+                    add = np.stack([r.sites[site][p] for r, f in zip(recs, fresh, strict=True) if f])
                     merged[p] = add if p not in store else np.concatenate([store[p], add])
                 self._mem[site] = merged
                 tmp = self._path(site).with_suffix(".tmp.npz")
