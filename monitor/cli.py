@@ -89,6 +89,7 @@ def probes_train(
     out: Path = typer.Option(None, help="output folder (default: the model's pack folder in the cache)"),
     max_per_source: int = typer.Option(None, help="cap texts per source (default: the spec's)"),
     site: str = typer.Option(None, help="train at this site instead of choosing the best"),
+    search_layers: bool = typer.Option(False, help="choose among every third layer, not the default sites"),
 ) -> None:
     """Train one probe per concept spec and save it with its probe card."""
     from collectors import models
@@ -106,7 +107,8 @@ def probes_train(
         raise typer.Exit(2)
     lm = models.load(model)
     out = out or pack_dir(fingerprint(lm.model))
-    probes = train_specs(loaded_specs, lm, out, max_per_source=max_per_source, site=site)
+    probes = train_specs(loaded_specs, lm, out, max_per_source=max_per_source, site=site,
+                         search_layers=search_layers)
     _print_cards([p.card for p in probes])
     console.print(f"saved {len(probes)} probes to {out}")
 

@@ -4,7 +4,8 @@ Procedure (all on activations captured by the tap, so training sees exactly what
 
 1. Gather up to ``max_per_source`` texts per source; positives and negatives as the spec says.
 2. Hold out 25 % (stratified) for the card's figures; nothing below touches it until step 6.
-3. For every candidate site and C in {0.01, 0.1, 1}: 5-fold cross-validated AUROC of
+3. For every candidate site (the spec's ``sites``; else the tap's default sites, or every third layer
+   with ``search_layers``) and C in {0.01, 0.1, 1}: 5-fold cross-validated AUROC of
    standardise + logistic regression (class-balanced) on the remaining 75 %. The best (site, C) wins,
    unless the spec names one site.
 4. Fit on the 75 %, then Platt-calibrate on its cross-validated logits.
@@ -29,7 +30,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from collectors.models import LoadedModel
-from collectors.sites import find_blocks
+from collectors.sites import default_sites, find_blocks
 from monitor.concepts import ConceptSpec, gather
 from monitor.features import FeatureCache
 from monitor.probe import CAVEAT, Probe, expected_calibration_error
@@ -75,6 +76,7 @@ def train_probe(
     base: Path | None = None,
     max_per_source: int | None = None,
     site: str | None = None,
+    search_layers: bool = False,
     progress: bool = True,
 ) -> Probe:
     """Train one probe for ``spec`` on ``lm``; the card records how it was measured."""
@@ -88,7 +90,12 @@ def train_probe(
     texts = [t.text for t in pos] + [t.text for t in neg]
     y = np.array([1] * len(pos) + [0] * len(neg))
     sources = np.array([t.source for t in pos] + [t.source for t in neg])
-    sites = [site] if site else (spec.sites or candidate_sites(len(find_blocks(lm.model)[1])))
+    if site:
+        sites = [site]
+    elif spec.sites:
+        sites = spec.sites
+    else:  # the sites the tap watches by default, so the probes need no extra capture
+        sites = candidate_sites(len(find_blocks(lm.model)[1])) if search_layers else default_sites(lm.model)
     feats = cache.get(texts, sites, progress=progress, description=f"{spec.concept}: activations")
 
     idx_train, idx_test = train_test_split(np.arange(len(y)), test_size=0.25, stratify=y, random_state=spec.seed)
@@ -196,14 +203,14 @@ def pack_dir(fingerprint: str) -> Path:
 
 
 def train_specs(specs: list[ConceptSpec], lm: LoadedModel, out: Path, *, max_per_source: int | None = None,
-                site: str | None = None, base: Path | None = None, progress: bool = True,
-                max_length: int = 128) -> list[Probe]:
+                site: str | None = None, search_layers: bool = False, base: Path | None = None,
+                progress: bool = True, max_length: int = 128) -> list[Probe]:
     """Train a probe per spec and save each as ``OUT/<concept>.probe.json``."""
     cache = FeatureCache(lm, max_length=max_length)
     probes = []
     for spec in specs:
         probe = train_probe(spec, lm, cache, base=base, max_per_source=max_per_source, site=site,
-                            progress=progress)
+                            search_layers=search_layers, progress=progress)
         probe.save(out / f"{spec.concept}.probe.json")
         probes.append(probe)
     return probes

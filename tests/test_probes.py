@@ -1,0 +1,131 @@
+"""Probes trained on real text: better than a shuffled-label control, honest artifacts, exact scoring."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from sklearn.linear_model import LogisticRegression
+
+from collectors.fingerprint import fingerprint
+from monitor.concepts import ConceptSpec, load_spec
+from monitor.features import FeatureCache
+from monitor.probe import Probe, ProbeError, ProbeSet
+from monitor.train import _fold, _pipeline, evaluate, train_probe
+
+
+@pytest.fixture(scope="module")
+def cache(smollm2, tmp_path_factory):
+    return FeatureCache(smollm2, max_length=64, root=tmp_path_factory.mktemp("features"))
+
+
+@pytest.fixture(scope="module")
+def language_probe(smollm2, cache):
+    spec = ConceptSpec(
+        concept="non_english",
+        positive=[{"source": "chatterbot", "args": {"lang": "french"}},
+                  {"source": "chatterbot", "args": {"lang": "german"}}],
+        negative=[{"source": "chatterbot", "args": {"lang": "english"}}],
+        evaluations={"spanish_vs_tweets": {"positive": [{"source": "chatterbot", "args": {"lang": "spanish"}}],
+                                           "negative": [{"source": "tweets"}]}},
+        sites=["layers.5.resid", "layers.20.resid"],
+        max_per_source=40,
+    )
+    return train_probe(spec, smollm2, cache, progress=False)
+
+
+def test_probe_beats_its_shuffled_label_control(language_probe):
+    card = language_probe.card
+    assert card["held_out"]["n"] >= 25
+    assert card["held_out"]["auroc"] >= 0.9
+    assert card["shuffled_label_control_auroc"] <= 0.75
+    assert card["cross_source"]["spanish_vs_tweets"]["auroc"] >= 0.7
+    assert card["site"] in ("layers.5.resid", "layers.20.resid")
+    assert set(card["site_selection_cv_auroc"]) == {"layers.5.resid", "layers.20.resid"}
+    assert "correlational" in card["caveat"]
+
+
+def test_card_and_artifact_round_trip(language_probe, tmp_path):
+    path = language_probe.save(tmp_path / "p.probe.json")
+    back = Probe.load(path, fingerprint=language_probe.fingerprint, sites={language_probe.site: 576})
+    assert back.card == language_probe.card
+    np.testing.assert_array_equal(back.weights, language_probe.weights)
+    assert back.bias == language_probe.bias
+    assert b"pickle" not in path.read_bytes()
+
+
+def test_tampered_and_mismatched_artifacts_are_refused(language_probe, tmp_path):
+    path = language_probe.save(tmp_path / "p.probe.json")
+    body = json.loads(path.read_text())
+    body["weights"][0] += 1.0
+    path.write_text(json.dumps(body))
+    with pytest.raises(ProbeError, match="checksum mismatch"):
+        Probe.load(path)
+    path = language_probe.save(tmp_path / "p.probe.json")
+    with pytest.raises(ProbeError, match="trained on model SmolLM2.*running model is sha256:other"):
+        Probe.load(path, fingerprint="sha256:other")
+    with pytest.raises(ProbeError, match="not monitored"):
+        Probe.load(path, sites={"layers.1.resid": 576})
+    with pytest.raises(ProbeError, match="expects 576 dims.*gives 384"):
+        Probe.load(path, sites={language_probe.site: 384})
+    (tmp_path / "junk.probe.json").write_bytes(b"\x80\x04not json")
+    with pytest.raises(ProbeError, match="not a readable probe"):
+        Probe.load(tmp_path / "junk.probe.json")
+
+
+def test_scoring_matches_sklearn_predict_proba(smollm2, cache):
+    rng = np.random.default_rng(0)
+    from monitor import corpora
+
+    texts = [t.text for t in corpora.sample(corpora.insults(), 80, seed=5)]
+    labels = np.array([i % 2 for i in range(80)])
+    x = cache.get(texts, ["layers.8.resid"], progress=False)["layers.8.resid"]["mean"].astype(np.float64)
+    pipe = _pipeline(0.1, 0).fit(x, labels)
+    logits = pipe.decision_function(x)
+    platt = LogisticRegression(C=1e6).fit(logits.reshape(-1, 1), labels)
+    w, b = _fold(pipe, float(platt.coef_[0, 0]), float(platt.intercept_[0]))
+    fp = fingerprint(smollm2.model)
+    probes = [Probe("a", "layers.8.resid", "mean", w, b, "m", fp),
+              Probe("b", "layers.8.resid", "mean", rng.normal(size=576).astype(np.float32) * 0.01, 0.3, "m", fp)]
+    got = ProbeSet(probes).score_features({("layers.8.resid", "mean"): x.astype(np.float32)})
+    want = platt.predict_proba(pipe.decision_function(x).reshape(-1, 1))[:, 1]
+    np.testing.assert_allclose(got[:, 0], want, atol=2e-4)
+    np.testing.assert_allclose(got[:, 1], 1 / (1 + np.exp(-(x @ probes[1].weights + 0.3))), atol=1e-5)
+
+
+def test_probe_set_refuses_mixed_models(language_probe):
+    other = Probe("x", language_probe.site, "mean", language_probe.weights, 0.0, "m", "sha256:other")
+    with pytest.raises(ProbeError, match="different models"):
+        ProbeSet([language_probe, other])
+
+
+def test_eval_warns_when_quality_drops(smollm2, cache, language_probe):
+    from monitor import corpora
+
+    # labels unrelated to language: the probe cannot transfer
+    texts = [t.text for t in corpora.sample(corpora.dialog("english"), 30, seed=9)]
+    texts += [t.text for t in corpora.sample(corpora.dialog("english"), 30, seed=10)]
+    labels = np.array([0] * 30 + [1] * 30)
+    result = evaluate(language_probe, smollm2, cache, texts, labels, progress=False)
+    assert "warning" in result
+    good = [t.text for t in corpora.sample(corpora.dialog("french"), 30, seed=11)]
+    result = evaluate(language_probe, smollm2, cache, good + texts[:30], 1 - labels, progress=False)
+    assert "warning" not in result and result["auroc"] >= 0.9
+
+
+def test_builtin_specs_are_valid():
+    from monitor.concepts import builtin_specs
+
+    names = {s.concept for s in builtin_specs()}
+    assert {"prompt_injection", "insult", "negative_sentiment", "non_english", "health_topic"} <= names
+    assert all(s.evaluations for s in builtin_specs())  # every built-in concept has a cross-source check
+
+
+def test_bad_spec_gives_a_clear_error(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("concept: Bad Name\npositive: [{source: nowhere}]\nnegative: []\n")
+    with pytest.raises(ValueError) as err:
+        load_spec(path)
+    msg = str(err.value)
+    assert "bad.yaml" in msg and "concept" in msg and "unknown source 'nowhere'" in msg
