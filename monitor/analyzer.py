@@ -1,0 +1,173 @@
+"""The streaming analyzer: live records in, drift statistics, alarms and attribution out.
+
+Per record the analyzer validates it (another model's fingerprint, wrong sites or dimensions, NaN or
+infinity: counted by reason and skipped, never mixed into the state), extracts its signals, and
+appends each detector's transformed view of it to that detector's ring buffer of ``window`` rows.
+Every ``stride`` records each detector is evaluated on its window and compared with its calibrated
+threshold. Memory is fixed (window × detector width); the cost per record is O(window / stride)
+vectorized work, and records are processed in batches.
+
+An alarm *fires* when a detector's statistic first exceeds its threshold and *clears* when it drops
+back; every firing is logged with an attribution: the components that moved most (concepts,
+attention heads and statistics, principal directions), so an on-call person knows what drifted.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from collectors.record import Record
+from monitor import signals
+from monitor.baseline import Baseline, DetectorSlot
+from monitor.probe import ProbeSet
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DetectorState:
+    slot: DetectorSlot
+    buffer: np.ndarray  # [window, width] ring buffer of transformed rows
+    value: float = float("nan")
+    alarm: bool = False
+    alarms_total: int = 0
+    last_fired_at: int | None = None  # record count when the last alarm fired
+
+
+@dataclass
+class AlarmEvent:
+    detector: str
+    at_record: int
+    statistic: float
+    threshold: float
+    attribution: list[tuple[str, float]]
+
+    def describe(self) -> str:
+        top = ", ".join(f"{name} {value:+.3g}" for name, value in self.attribution[:5])
+        return (f"DRIFT {self.detector}: statistic {self.statistic:.4g} > threshold {self.threshold:.4g} "
+                f"({self.statistic / self.threshold if self.threshold > 0 else float('inf'):.1f}x) at record "
+                f"{self.at_record}; moved most: {top}")
+
+
+@dataclass
+class AnalyzerStats:
+    records_total: int = 0
+    invalid_total: Counter = field(default_factory=Counter)  # by reason
+    evaluations_total: int = 0
+
+
+class Analyzer:
+    """Compare a live stream of records with ``baseline`` (and score concepts with ``probes``)."""
+
+    def __init__(self, baseline: Baseline, probes: ProbeSet | None = None) -> None:
+        baseline.check_probes(probes)
+        if probes is not None and probes.fingerprint != baseline.fingerprint:
+            raise ValueError("probes and baseline were made for different models")
+        self.baseline = baseline
+        self.probes = probes
+        self.window = baseline.config.window
+        self.stride = baseline.config.stride
+        self.stats = AnalyzerStats()
+        self.states: list[DetectorState] = []
+        self._filled = 0
+        self._pos = 0
+        self._seen_valid = 0
+        self.score_sums = np.zeros(len(probes.concepts)) if probes else np.zeros(0)
+        self.concept_hits = np.zeros(len(probes.concepts)) if probes else np.zeros(0)
+        self.scored_total = 0
+        self.last_scores: np.ndarray | None = None
+        self.events: list[AlarmEvent] = []
+        self._max_events = 1000
+
+    # ------------------------------------------------------------------ ingestion
+    def update(self, records: Sequence[Record]) -> list[AlarmEvent]:
+        """Analyze a batch of records; returns the alarms that fired in it."""
+        valid = []
+        for rec in records:
+            reason = signals.invalid_reason(rec, self.baseline.fingerprint, self.baseline.shapes)
+            if reason is None:
+                valid.append(rec)
+            else:
+                self.stats.invalid_total[reason] += 1
+        self.stats.records_total += len(records)
+        if not valid:
+            return []
+        sig = signals.extract(valid, self.baseline.shapes, self.probes)
+        if "scores" in sig:
+            self.last_scores = sig["scores"]
+            self.score_sums += sig["scores"].sum(axis=0)
+            self.concept_hits += (sig["scores"] >= self.probes.thresholds).sum(axis=0)
+            self.scored_total += len(valid)
+        rows = [st.slot.detector.transform(sig[st.slot.family]) for st in self._ensure_states(sig)]
+        return self._push(rows, len(valid))
+
+    def _ensure_states(self, sig: dict[str, np.ndarray]) -> list[DetectorState]:
+        if not self.states:
+            for slot in self.baseline.slots:
+                width = slot.detector.transform(sig[slot.family][:1]).shape[1]
+                self.states.append(DetectorState(slot, np.zeros((self.window, width))))
+        return self.states
+
+    def _push(self, rows: list[np.ndarray], n: int) -> list[AlarmEvent]:
+        fired: list[AlarmEvent] = []
+        i = 0
+        while i < n:
+            # records until the next evaluation point (a multiple of stride once the window is full)
+            take = min(n - i, self.stride - self._seen_valid % self.stride)
+            idx = (self._pos + np.arange(take)) % self.window
+            for st, r in zip(self.states, rows, strict=True):
+                st.buffer[idx] = r[i : i + take]
+            self._pos = (self._pos + take) % self.window
+            self._filled = min(self.window, self._filled + take)
+            self._seen_valid += take
+            i += take
+            if self._seen_valid % self.stride == 0 and self._filled == self.window:
+                fired += self._evaluate()
+        return fired
+
+    def _evaluate(self) -> list[AlarmEvent]:
+        self.stats.evaluations_total += 1
+        fired = []
+        for st in self.states:
+            value = float(st.slot.detector.statistic(st.buffer[None])[0])
+            st.value = value
+            above = value > st.slot.threshold
+            if above and not st.alarm:
+                st.alarms_total += 1
+                st.last_fired_at = self._seen_valid
+                event = AlarmEvent(st.slot.name, self._seen_valid, value, st.slot.threshold, self.attribution(st))
+                fired.append(event)
+                log.warning("%s", event.describe())
+            elif st.alarm and not above:
+                log.info("cleared %s: statistic %.4g <= threshold %.4g", st.slot.name, value, st.slot.threshold)
+            st.alarm = above
+        self.events = (self.events + fired)[-self._max_events :]
+        return fired
+
+    # ------------------------------------------------------------------ reading
+    def attribution(self, st: DetectorState, top: int = 5) -> list[tuple[str, float]]:
+        """The components of one detector's current window that moved most (largest |contribution|)."""
+        comps = np.asarray(st.slot.detector.components(st.buffer), dtype=np.float64)
+        names = st.slot.components or [f"c{j}" for j in range(len(comps))]
+        order = np.argsort(-np.abs(comps))[:top]
+        return [(names[j], float(comps[j])) for j in order]
+
+    def ranking(self, top: int = 10) -> list[tuple[str, str, float]]:
+        """Across detectors in alarm: ``(detector, component, contribution)`` ranked by statistic/threshold."""
+        alarmed = sorted((st for st in self.states if st.alarm),
+                         key=lambda st: -(st.value / st.slot.threshold if st.slot.threshold > 0 else np.inf))
+        out = []
+        for st in alarmed:
+            out += [(st.slot.name, name, value) for name, value in self.attribution(st, top=3)]
+        return out[:top]
+
+    def concept_rates(self) -> dict[str, float]:
+        """Share of scored records above each concept's threshold since start."""
+        if self.probes is None or not self.scored_total:
+            return {}
+        return {c: float(h / self.scored_total) for c, h in zip(self.probes.concepts, self.concept_hits, strict=True)}

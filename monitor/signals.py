@@ -1,0 +1,91 @@
+"""From records to the signals the detectors watch, with validation.
+
+Signal families (each ``[n_records, n_components]``):
+
+* ``scores`` -- probe scores, one column per concept;
+* ``attn:<site>`` -- per-head attention statistics, ``head<h>.<stat>`` columns;
+* ``norm:<site>`` -- mean and last token L2 norm;
+* ``act:<site>`` -- mean-pooled activation (input of the multivariate detectors).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from collectors.attention import STAT_NAMES
+from collectors.record import Record
+from monitor.probe import ProbeSet
+
+
+@dataclass(frozen=True)
+class SiteShape:
+    kind: str  # "resid" or "attn"
+    dim: int  # d for resid, n_heads for attn
+
+
+def shapes_of(record: Record) -> dict[str, SiteShape]:
+    """What a record carries, per site."""
+    out = {}
+    for site, arrays in record.sites.items():
+        if "heads" in arrays:
+            out[site] = SiteShape("attn", int(arrays["heads"].shape[0]))
+        elif "mean" in arrays:
+            out[site] = SiteShape("resid", int(arrays["mean"].shape[0]))
+    return out
+
+
+def component_names(family: str, shape: SiteShape | None, probes: ProbeSet | None) -> list[str]:
+    if family == "scores":
+        return list(probes.concepts) if probes else []
+    kind = family.split(":", 1)[0]
+    if kind == "attn" and shape is not None:
+        return [f"head{h}.{s}" for h in range(shape.dim) for s in STAT_NAMES]
+    if kind == "norm":
+        return ["mean_token_norm", "last_token_norm"]
+    return []
+
+
+def invalid_reason(record: Record, fingerprint: str, shapes: dict[str, SiteShape]) -> str | None:
+    """Why a record cannot be used (``fingerprint``, ``shape``, ``nonfinite``), or None."""
+    if record.fingerprint != fingerprint:
+        return "fingerprint"
+    for site, shape in shapes.items():
+        arrays = record.sites.get(site)
+        if arrays is None:
+            return "shape"
+        if shape.kind == "attn":
+            heads = arrays.get("heads")
+            if heads is None or heads.shape != (shape.dim, len(STAT_NAMES)):
+                return "shape"
+        else:
+            for name, want in (("mean", (shape.dim,)), ("last", (shape.dim,)), ("norm", (2,))):
+                a = arrays.get(name)
+                if a is None or a.shape != want:
+                    return "shape"
+    if not record.is_finite():
+        return "nonfinite"
+    return None
+
+
+def extract(records: Sequence[Record], shapes: dict[str, SiteShape], probes: ProbeSet | None) -> dict[str, np.ndarray]:
+    """Signal families for valid ``records`` (validate first with :func:`invalid_reason`)."""
+    out: dict[str, np.ndarray] = {}
+    n = len(records)
+    for site, shape in shapes.items():
+        if shape.kind == "attn":
+            out[f"attn:{site}"] = np.stack([r.sites[site]["heads"] for r in records]).reshape(n, -1)
+        else:
+            out[f"act:{site}"] = np.stack([r.sites[site]["mean"] for r in records])
+            out[f"norm:{site}"] = np.stack([r.sites[site]["norm"] for r in records])
+    if probes is not None:
+        feats = {}
+        for site, poolings in probes.needs().items():
+            for pooling in poolings:
+                act = out.get(f"act:{site}")
+                feats[(site, pooling)] = (act if pooling == "mean" and act is not None else
+                                          np.stack([r.sites[site][pooling] for r in records]))
+        out["scores"] = probes.score_features(feats)
+    return out
