@@ -1,8 +1,8 @@
 """Baselines: reference distributions, fitted detectors and calibrated thresholds, in one file.
 
 ``build`` takes reference records (e.g. a file written by the tap's file sink), splits them into a
-*reference* half that the detectors compare against and a *calibration* half from which no-drift
-streams are resampled (:mod:`monitor.calibration`), fits every detector and sets every threshold
+*reference* part (40 %) that the detectors compare against and a *calibration pool* (60 %) from which
+no-drift streams are resampled (:mod:`monitor.calibration`), fits every detector and sets every threshold
 for the stated false-alarm budget.
 
 The file is a safetensors file (no pickle): the detectors' arrays plus a JSON metadata block (format
@@ -103,7 +103,7 @@ class Baseline:
                 raise BaselineError(f"probes read sites the records do not carry: {sorted(missing)}")
         rng = np.random.default_rng(config.seed)
         order = rng.permutation(len(records))
-        half = len(records) // 2
+        half = int(len(records) * 0.4)  # reference 40 %, calibration pool 60 % (see docs/analyzer.md)
         ref_sig = signals.extract([records[i] for i in order[:half]], shapes, probes)
         cal_sig = signals.extract([records[i] for i in order[half:]], shapes, probes)
         slots = cls._fit_slots(ref_sig, shapes, probes, config)

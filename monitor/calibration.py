@@ -11,9 +11,11 @@ streams:
    reference never saw (the same records for all detectors, so their correlation is kept).
 2. Every detector's statistic is computed along every stream, at every evaluation.
 3. For a common level ``alpha``, each detector's threshold is the ``1 − alpha`` quantile of its
-   simulated statistics. The monitor alarms when *any* detector exceeds its threshold.
-4. ``alpha`` is searched so that the simulated stream-level hazard -- first alarms per evaluation at
-   risk, with the window refilled after each alarm -- equals ``stride / ERT``.
+   simulated statistics.
+4. An alarm is what pages someone: a detector's statistic *crossing* its threshold from below (it
+   then stays firing until it drops back, as the analyzer and the Prometheus alert do). ``alpha`` is
+   searched so that the simulated alarms of all detectors together come once per ``ERT`` records:
+   ``alarms / evaluations = stride / ERT``.
 
 The report gives the number of simulated alarms the estimate rests on; its relative standard error
 is about ``1/sqrt(alarms)``.
@@ -36,10 +38,6 @@ class Simulation:
     stats: np.ndarray  # [streams, evals, detectors]
     window: int
     stride: int
-
-    @property
-    def refractory(self) -> int:
-        return math.ceil(self.window / self.stride)
 
 
 def simulate(detectors: list[Any], pools: list[np.ndarray], *, window: int, stride: int, evaluations: int,
@@ -70,19 +68,11 @@ def simulate(detectors: list[Any], pools: list[np.ndarray], *, window: int, stri
     return Simulation(stats, window, stride)
 
 
-def first_alarms(exceed: np.ndarray, refractory: int) -> tuple[int, int]:
-    """``(alarms, evaluations at risk)`` over streams ``[S, E]``; the window refills after an alarm."""
-    alarms = at_risk = 0
-    for row in exceed:
-        t = 0
-        for p in np.flatnonzero(row):
-            if p < t:
-                continue
-            alarms += 1
-            at_risk += p - t + 1
-            t = p + refractory
-        at_risk += max(0, row.shape[0] - t)
-    return alarms, at_risk
+def count_alarms(exceed: np.ndarray) -> int:
+    """Upward crossings in ``exceed`` ``[streams, evals, detectors]`` (an exceedance at the first evaluation counts)."""
+    starts = exceed.copy()
+    starts[:, 1:] &= ~exceed[:, :-1]
+    return int(starts.sum())
 
 
 def thresholds_at(sim: Simulation, alpha: float) -> np.ndarray:
@@ -98,9 +88,9 @@ def calibrate(sim: Simulation, ert: float) -> tuple[np.ndarray, dict[str, Any]]:
     for _ in range(50):
         alpha = math.sqrt(lo * hi)
         th = thresholds_at(sim, alpha)
-        alarms, at_risk = first_alarms((sim.stats > th).any(axis=2), sim.refractory)
-        hazard = alarms / max(1, at_risk)
-        best = (alpha, th, alarms, at_risk, hazard)
+        alarms = count_alarms(sim.stats > th)
+        hazard = alarms / (sim.stats.shape[0] * sim.stats.shape[1])
+        best = (alpha, th, alarms, hazard)
         if hazard > target:
             hi = alpha
         else:
@@ -108,10 +98,10 @@ def calibrate(sim: Simulation, ert: float) -> tuple[np.ndarray, dict[str, Any]]:
         if hi / lo < 1.0005:
             break
     assert best is not None
-    alpha, th, alarms, at_risk, hazard = best
+    alpha, th, alarms, hazard = best
     report = {
         "target_records_between_false_alarms": ert,
-        "simulated_records_between_false_alarms": round(sim.stride / hazard, 1) if hazard else None,
+        "simulated_records_between_false_alarms": round(float(sim.stride / hazard), 1) if hazard else None,
         "simulated_alarms": int(alarms),
         "relative_standard_error": round(1 / math.sqrt(alarms), 3) if alarms else None,
         "per_detector_alpha": alpha,

@@ -1,0 +1,143 @@
+"""Baselines and the streaming analyzer on records with known distributions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from collectors.record import Record
+from monitor.analyzer import Analyzer
+from monitor.baseline import AnalyzerConfig, Baseline, BaselineError
+from monitor.probe import Probe, ProbeSet
+
+D, H = 24, 3
+FP = "sha256:" + "cd" * 16
+
+
+def make_records(n, rng, act_shift=0.0, head_shift=0.0, concept_shift=0.0, fp=FP):
+    out = []
+    for i in range(n):
+        mean = rng.normal(size=D).astype(np.float32) + act_shift
+        mean[0] += concept_shift  # the probe below reads dimension 0
+        heads = rng.normal(1.0, 0.1, size=(H, 4)).astype(np.float32)
+        heads[1, 2] += head_shift  # head 1, mean_distance
+        out.append(Record(model="m", fingerprint=fp, key=f"{i:032x}", n_tokens=8, sites={
+            "layers.2.resid": {"mean": mean, "last": rng.normal(size=D).astype(np.float32),
+                               "norm": np.abs(rng.normal(5, 1, size=2)).astype(np.float32)},
+            "layers.2.attn": {"heads": heads}}))
+    return out
+
+
+def probes():
+    w0 = np.zeros(D, np.float32)
+    w0[0] = 3.0
+    w1 = np.zeros(D, np.float32)
+    w1[5] = 3.0
+    return ProbeSet([Probe("injection", "layers.2.resid", "mean", w0, -4.0, "m", FP),
+                     Probe("toxicity", "layers.2.resid", "mean", w1, -4.0, "m", FP)])
+
+
+CONFIG = AnalyzerConfig(window=100, stride=10, false_alarm_every=2000, pca_components=6)
+
+
+@pytest.fixture(scope="module")
+def baseline():
+    return Baseline.build(make_records(3000, np.random.default_rng(0)), probes(), CONFIG)
+
+
+def test_baseline_round_trip(baseline, tmp_path):
+    path = baseline.save(tmp_path / "b.safetensors")
+    back = Baseline.load(path)
+    assert [s.name for s in back.slots] == [s.name for s in baseline.slots]
+    assert [s.threshold for s in back.slots] == [s.threshold for s in baseline.slots]
+    assert back.fingerprint == FP and back.config == baseline.config
+    x = make_records(100, np.random.default_rng(9))
+    a, b = Analyzer(baseline, probes()), Analyzer(back, probes())
+    a.update(x)
+    b.update(x)
+    assert [s.value for s in a.states] == [s.value for s in b.states]
+    assert b"pickle" not in path.read_bytes()
+
+
+def test_corrupt_or_mismatched_baseline_is_refused(baseline, tmp_path):
+    path = baseline.save(tmp_path / "b.safetensors")
+    data = bytearray(path.read_bytes())
+    data[-20] ^= 0xFF  # flip a bit in the arrays
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(BaselineError, match="checksum mismatch"):
+        Baseline.load(bad)
+    bad.write_bytes(b"garbage that is not safetensors")
+    with pytest.raises(BaselineError, match="not a readable baseline"):
+        Baseline.load(bad)
+    other = ProbeSet([Probe("injection", "layers.2.resid", "mean", np.ones(D, np.float32), 0.0, "m", FP)])
+    with pytest.raises(BaselineError, match="rebuild the baseline"):
+        Analyzer(baseline, other)
+    with pytest.raises(BaselineError, match="at least 200"):
+        Baseline.build(make_records(150, np.random.default_rng(1)), probes(), CONFIG)
+
+
+def test_invalid_records_are_counted_and_do_not_poison_state(baseline):
+    rng = np.random.default_rng(3)
+    clean = make_records(300, rng)
+    analyzer = Analyzer(baseline, probes())
+    reference = Analyzer(baseline, probes())
+    reference.update(clean)
+    nan = make_records(5, rng)
+    nan[0].sites["layers.2.resid"]["mean"][3] = np.nan
+    nan[1].sites["layers.2.attn"]["heads"][0, 0] = np.inf
+    nan[2].sites["layers.2.resid"]["mean"] = np.zeros(D + 1, np.float32)
+    nan[3].fingerprint = "sha256:another-model"
+    del nan[4].sites["layers.2.attn"]
+    mixed = clean[:150] + nan + clean[150:]
+    analyzer.update(mixed)
+    assert dict(analyzer.stats.invalid_total) == {"nonfinite": 2, "shape": 2, "fingerprint": 1}
+    assert analyzer.stats.records_total == 305
+    assert [s.value for s in analyzer.states] == [s.value for s in reference.states]
+    assert all(np.isfinite(s.value) for s in analyzer.states)
+
+
+def test_no_shift_stream_rarely_alarms_and_shifts_are_attributed(baseline):
+    rng = np.random.default_rng(4)
+    analyzer = Analyzer(baseline, probes())
+    calm = analyzer.update(make_records(4000, rng))
+    # budget: one alarm per 2000 records -> expect ~2 in 4000; 8 would be far outside
+    assert len(calm) <= 8
+    fired = analyzer.update(make_records(300, rng, concept_shift=2.0))
+    names = {e.detector for e in fired}
+    assert "rate:scores" in names
+    rate = next(e for e in fired if e.detector == "rate:scores")
+    assert rate.attribution[0][0] == "injection"  # the concept that surged, not the other one
+    assert analyzer.concept_rates()["injection"] > analyzer.baseline.info["concept_base_rates"]["injection"]
+
+    analyzer = Analyzer(baseline, probes())
+    analyzer.update(make_records(200, rng))
+    fired = analyzer.update(make_records(300, rng, head_shift=0.3))
+    attn = [e for e in fired if e.detector == "ks:attn:layers.2.attn"]
+    assert attn and attn[0].attribution[0][0] == "head1.mean_distance"
+    assert "DRIFT ks:attn:layers.2.attn" in attn[0].describe()
+
+
+def test_memory_is_bounded(baseline):
+    analyzer = Analyzer(baseline, probes())
+    rng = np.random.default_rng(5)
+    batch = make_records(500, rng)
+    analyzer.update(batch)
+    sizes = [s.buffer.nbytes for s in analyzer.states]
+    for _ in range(6):
+        analyzer.update(batch)
+    assert [s.buffer.nbytes for s in analyzer.states] == sizes
+    assert all(s.buffer.shape[0] == CONFIG.window for s in analyzer.states)
+    assert analyzer.stats.evaluations_total == (7 * 500 - CONFIG.window) // CONFIG.stride + 1
+
+
+def test_batch_size_does_not_change_results(baseline):
+    recs = make_records(700, np.random.default_rng(6), act_shift=0.05)
+    one = Analyzer(baseline, probes())
+    for r in recs:
+        one.update([r])
+    many = Analyzer(baseline, probes())
+    many.update(recs[:33])
+    many.update(recs[33:])
+    assert [s.value for s in one.states] == pytest.approx([s.value for s in many.states])
+    assert [s.alarms_total for s in one.states] == [s.alarms_total for s in many.states]
