@@ -60,7 +60,8 @@ def main() -> None:
                       for s in sites})
         for i in range(args.n)
     ]
-    feats = {(s, p): np.stack([r.sites[s][p] for r in records]) for s, pools in probe_set.needs().items() for p in pools}
+    feats = {(s, p): np.stack([r.sites[s][p] for r in records])
+             for s, pools in probe_set.needs().items() for p in pools}
     with threadpool_limits(1):
         probe_set.score(records[:100])
         rec_times, mat_times = [], []

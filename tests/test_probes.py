@@ -63,11 +63,11 @@ def test_tampered_and_mismatched_artifacts_are_refused(language_probe, tmp_path)
     with pytest.raises(ProbeError, match="checksum mismatch"):
         Probe.load(path)
     path = language_probe.save(tmp_path / "p.probe.json")
-    with pytest.raises(ProbeError, match="trained on model SmolLM2.*running model is sha256:other"):
+    with pytest.raises(ProbeError, match=r"trained on model SmolLM2.*running model is sha256:other"):
         Probe.load(path, fingerprint="sha256:other")
     with pytest.raises(ProbeError, match="not monitored"):
         Probe.load(path, sites={"layers.1.resid": 576})
-    with pytest.raises(ProbeError, match="expects 576 dims.*gives 384"):
+    with pytest.raises(ProbeError, match=r"expects 576 dims.*gives 384"):
         Probe.load(path, sites={language_probe.site: 384})
     (tmp_path / "junk.probe.json").write_bytes(b"\x80\x04not json")
     with pytest.raises(ProbeError, match="not a readable probe"):
