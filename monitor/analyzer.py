@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 class DetectorState:
     slot: DetectorSlot
     buffer: np.ndarray  # [window, width] ring buffer of transformed rows
+    total: np.ndarray | None = None  # running column sums of the buffer (mean-based detectors)
     value: float = float("nan")
     alarm: bool = False
     alarms_total: int = 0
@@ -87,30 +88,50 @@ class Analyzer:
     # ------------------------------------------------------------------ ingestion
     def update(self, records: Sequence[Record]) -> list[AlarmEvent]:
         """Analyze a batch of records; returns the alarms that fired in it."""
-        valid = []
-        for rec in records:
-            reason = signals.invalid_reason(rec, self.baseline.fingerprint, self.baseline.shapes)
-            if reason is None:
-                valid.append(rec)
-            else:
-                self.stats.invalid_total[reason] += 1
         self.stats.records_total += len(records)
+        fp = self.baseline.fingerprint
+        valid = [r for r in records if r.fingerprint == fp]
+        if len(valid) < len(records):
+            self.stats.invalid_total["fingerprint"] += len(records) - len(valid)
         if not valid:
             return []
-        sig = signals.extract(valid, self.baseline.shapes, self.probes)
+        try:  # fast path: the whole batch has the expected sites and dims
+            sig = signals.extract(valid, self.baseline.shapes, self.probes)
+        except (KeyError, ValueError, AttributeError):
+            good = []
+            for rec in valid:
+                reason = signals.invalid_reason(rec, fp, self.baseline.shapes)
+                if reason is None:
+                    good.append(rec)
+                else:
+                    self.stats.invalid_total[reason] += 1
+            valid = good
+            if not valid:
+                return []
+            sig = signals.extract(valid, self.baseline.shapes, self.probes)
+        finite = signals.finite_rows(sig)
+        if not finite.all():
+            self.stats.invalid_total["nonfinite"] += int((~finite).sum())
+            sig = signals.select(sig, finite)
+            if not finite.any():
+                return []
+        n = int(finite.sum())
         if "scores" in sig:
             self.last_scores = sig["scores"]
             self.score_sums += sig["scores"].sum(axis=0)
             self.concept_hits += (sig["scores"] >= self.probes.thresholds).sum(axis=0)
-            self.scored_total += len(valid)
-        rows = [st.slot.detector.transform(sig[st.slot.family]) for st in self._ensure_states(sig)]
-        return self._push(rows, len(valid))
+            self.scored_total += n
+        cache: dict = {}  # detectors of one site share its PCA projection
+        rows = [st.slot.detector.transform(sig[st.slot.family], cache) for st in self._ensure_states(sig)]
+        return self._push(rows, n)
 
     def _ensure_states(self, sig: dict[str, np.ndarray]) -> list[DetectorState]:
         if not self.states:
             for slot in self.baseline.slots:
                 width = slot.detector.transform(sig[slot.family][:1]).shape[1]
-                self.states.append(DetectorState(slot, np.zeros((self.window, width))))
+                mean_based = hasattr(slot.detector, "statistic_from_mean")
+                self.states.append(DetectorState(slot, np.zeros((self.window, width)),
+                                                 np.zeros(width) if mean_based else None))
         return self.states
 
     def _push(self, rows: list[np.ndarray], n: int) -> list[AlarmEvent]:
@@ -121,7 +142,10 @@ class Analyzer:
             take = min(n - i, self.stride - self._seen_valid % self.stride)
             idx = (self._pos + np.arange(take)) % self.window
             for st, r in zip(self.states, rows, strict=True):
-                st.buffer[idx] = r[i : i + take]
+                new = r[i : i + take]
+                if st.total is not None:
+                    st.total += new.sum(axis=0) - st.buffer[idx].sum(axis=0)
+                st.buffer[idx] = new
             self._pos = (self._pos + take) % self.window
             self._filled = min(self.window, self._filled + take)
             self._seen_valid += take
@@ -133,8 +157,14 @@ class Analyzer:
     def _evaluate(self) -> list[AlarmEvent]:
         self.stats.evaluations_total += 1
         fired = []
+        exact = self.stats.evaluations_total % 1000 == 0  # re-sum now and then: no float drift over months
         for st in self.states:
-            value = float(st.slot.detector.statistic(st.buffer[None])[0])
+            if st.total is not None:
+                if exact:
+                    st.total = st.buffer.sum(axis=0)
+                value = float(st.slot.detector.statistic_from_mean((st.total / self.window)[None], self.window)[0])
+            else:
+                value = float(st.slot.detector.statistic(st.buffer[None])[0])
             st.value = value
             above = value > st.slot.threshold
             if above and not st.alarm:

@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from collectors.record import Record
 from monitor import calibration, detectors, signals
+from monitor.detectors.projection import fit_pca
 from monitor.probe import ProbeSet
 
 FORMAT = "latentwatch-baseline"
@@ -46,7 +47,7 @@ class AnalyzerConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     window: int = Field(200, ge=10, le=100_000)
-    stride: int = Field(20, ge=1)
+    stride: int = Field(50, ge=1, description="evaluate every `stride` records")
     univariate: list[Literal["ks", "psi", "wasserstein"]] = Field(default_factory=lambda: ["ks"])
     multivariate: list[Literal["mmd", "meanshift", "pca_error"]] = Field(
         default_factory=lambda: ["mmd", "meanshift", "pca_error"])
@@ -145,8 +146,9 @@ class Baseline:
             slots.append(DetectorSlot("rate:scores", "rate", "scores", det, list(probes.concepts)))
         for family in sorted(f for f in sig if f.startswith("act:")):
             site = family.split(":", 1)[1]
+            pca = fit_pca(sig[family], config.pca_components)  # one projection per site, shared
             for test in config.multivariate:
-                det = TYPES[test](k=config.pca_components).fit(sig[family])
+                det = TYPES[test](k=config.pca_components).fit(sig[family], pca=pca)
                 slots.append(DetectorSlot(f"{test}:{site}", test, family, det, det.component_names()))
         return slots
 
@@ -204,6 +206,10 @@ class Baseline:
                 raise BaselineError(f"{path}: baseline format {meta.get('format')} v{meta.get('version')}, "
                                     f"this build reads {FORMAT} v{VERSION}")
             slots = []
+            shared: dict[bytes, np.ndarray] = {}  # identical arrays (a site's shared PCA) load as one object
+            for key, arr in list(arrays.items()):
+                digest = hashlib.sha256(arr.tobytes() + str(arr.shape).encode()).digest()
+                arrays[key] = shared.setdefault(digest, arr)
             for i, d in enumerate(meta["detectors"]):
                 state = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.split("/", 1)[0] == str(i)}
                 det = TYPES[d["kind"]].from_state(state)

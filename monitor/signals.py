@@ -71,15 +71,22 @@ def invalid_reason(record: Record, fingerprint: str, shapes: dict[str, SiteShape
 
 
 def extract(records: Sequence[Record], shapes: dict[str, SiteShape], probes: ProbeSet | None) -> dict[str, np.ndarray]:
-    """Signal families for valid ``records`` (validate first with :func:`invalid_reason`)."""
+    """Signal families for ``records``; raises KeyError/ValueError if any record lacks a site or has other dims."""
     out: dict[str, np.ndarray] = {}
     n = len(records)
     for site, shape in shapes.items():
         if shape.kind == "attn":
-            out[f"attn:{site}"] = np.stack([r.sites[site]["heads"] for r in records]).reshape(n, -1)
+            heads = np.stack([r.sites[site]["heads"] for r in records])
+            if heads.shape[1:] != (shape.dim, len(STAT_NAMES)):
+                raise ValueError(f"{site}: heads {heads.shape[1:]}")
+            out[f"attn:{site}"] = heads.reshape(n, -1)
         else:
             out[f"act:{site}"] = np.stack([r.sites[site]["mean"] for r in records])
             out[f"norm:{site}"] = np.stack([r.sites[site]["norm"] for r in records])
+            last = [r.sites[site]["last"] for r in records]  # checked: probes or later detectors may read it
+            if out[f"act:{site}"].shape[1:] != (shape.dim,) or out[f"norm:{site}"].shape[1:] != (2,) or any(
+                    a.shape != (shape.dim,) for a in last):
+                raise ValueError(f"{site}: dims")
     if probes is not None:
         feats = {}
         for site, poolings in probes.needs().items():
@@ -89,3 +96,16 @@ def extract(records: Sequence[Record], shapes: dict[str, SiteShape], probes: Pro
                                           np.stack([r.sites[site][pooling] for r in records]))
         out["scores"] = probes.score_features(feats)
     return out
+
+
+def finite_rows(sig: dict[str, np.ndarray]) -> np.ndarray:
+    """Boolean ``[n]``: rows finite in every signal family."""
+    ok = None
+    for arr in sig.values():
+        row_ok = np.isfinite(arr).all(axis=1)
+        ok = row_ok if ok is None else ok & row_ok
+    return ok
+
+
+def select(sig: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
+    return {k: v[rows] for k, v in sig.items()}

@@ -54,7 +54,7 @@ class KolmogorovSmirnov:
             out[:, j] = np.maximum(i - f_right, f_left - (i - 1 / size)).max(axis=1)
         return out
 
-    def transform(self, x: np.ndarray) -> np.ndarray:
+    def transform(self, x: np.ndarray, cache: dict | None = None) -> np.ndarray:
         return np.asarray(x, dtype=np.float64)
 
     def statistic(self, windows: np.ndarray) -> np.ndarray:

@@ -37,12 +37,13 @@ class MeanShift:
     def __init__(self, k: int = 16) -> None:
         self.k = k
 
-    def fit(self, reference: np.ndarray) -> MeanShift:
-        self.mean_, self.components_, self.sd_ = fit_pca(reference, self.k)
+    def fit(self, reference: np.ndarray, pca: tuple | None = None) -> MeanShift:
+        """Learn from reference activations; ``pca`` = a :func:`fit_pca` result to share between detectors."""
+        self.mean_, self.components_, self.sd_ = pca or fit_pca(reference, self.k)
         return self
 
-    def transform(self, x: np.ndarray) -> np.ndarray:
-        return project(x, self.mean_, self.components_, self.sd_)
+    def transform(self, x: np.ndarray, cache: dict | None = None) -> np.ndarray:
+        return np.asarray(project(x, self.mean_, self.components_, self.sd_, cache), dtype=np.float64)
 
     def statistic(self, windows: np.ndarray) -> np.ndarray:
         w = as_windows(windows)

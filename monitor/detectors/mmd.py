@@ -2,7 +2,7 @@
 
 Activations are projected on the baseline's top-k whitened principal directions; the RBF kernel's
 bandwidth is the median pairwise distance of baseline points (the median heuristic). The kernel is
-approximated with D random Fourier features φ (Rahimi & Recht), so
+approximated with D = 128 random Fourier features φ (Rahimi & Recht), so
 ``MMD² ≈ || mean_window φ(z) − mean_reference φ(z) ||²`` costs O(D) per record and the window
 statistic is a difference of means: streaming-friendly, and cheap to calibrate by bootstrap.
 Components (attribution) are the window's mean shift along each principal direction, in standard
@@ -34,14 +34,15 @@ from monitor.detectors.projection import fit_pca, project
 class MMD:
     name = "mmd"
 
-    def __init__(self, k: int = 16, features: int = 256, seed: int = 0) -> None:
+    def __init__(self, k: int = 16, features: int = 128, seed: int = 0) -> None:
         self.k = k
         self.features = features
         self.seed = seed
 
-    def fit(self, reference: np.ndarray) -> MMD:
+    def fit(self, reference: np.ndarray, pca: tuple | None = None) -> MMD:
+        """Learn from reference activations; ``pca`` = a :func:`fit_pca` result to share between detectors."""
         ref = np.asarray(reference, dtype=np.float64)
-        self.mean_, self.components_, self.sd_ = fit_pca(ref, self.k)
+        self.mean_, self.components_, self.sd_ = pca or fit_pca(ref, self.k)
         z = project(ref, self.mean_, self.components_, self.sd_)
         rng = np.random.default_rng(self.seed)
         sub = z[rng.choice(len(z), size=min(len(z), 1000), replace=False)]
@@ -54,11 +55,12 @@ class MMD:
         return self
 
     def _features(self, z: np.ndarray) -> np.ndarray:
-        return np.sqrt(2.0 / self.features) * np.cos(z @ self.omega_ + self.phase_)
+        arg = (z @ self.omega_ + self.phase_).astype(np.float32)  # float32 cos: 2x faster, ample precision
+        return np.sqrt(2.0 / self.features) * np.cos(arg, dtype=np.float32)
 
-    def transform(self, x: np.ndarray) -> np.ndarray:
+    def transform(self, x: np.ndarray, cache: dict | None = None) -> np.ndarray:
         """Per record: ``[random Fourier features (D) | whitened PC coordinates (k)]``."""
-        z = project(x, self.mean_, self.components_, self.sd_)
+        z = np.asarray(project(x, self.mean_, self.components_, self.sd_, cache), dtype=np.float64)
         return np.concatenate([self._features(z), z], axis=1)
 
     def statistic(self, windows: np.ndarray) -> np.ndarray:

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from monitor.detectors.base import as_windows
-from monitor.detectors.projection import fit_pca
+from monitor.detectors.projection import fit_pca, projected_energy
 
 
 class PCAReconstructionError:
@@ -35,21 +35,22 @@ class PCAReconstructionError:
     def __init__(self, k: int = 16) -> None:
         self.k = k
 
-    def _residual(self, x: np.ndarray) -> np.ndarray:
-        c = np.asarray(x, dtype=np.float64) - self.mean_
-        proj = (c @ self.components_.T) @ self.components_
-        return ((c - proj) ** 2).sum(axis=1)
+    def _residual(self, x: np.ndarray, cache: dict | None = None) -> np.ndarray:
+        # the principal directions are orthonormal: residual energy = total − projected energy
+        total, kept = projected_energy(x, self.mean_, self.components_, self.sd_, cache)
+        return np.maximum(total - kept, 0.0)
 
-    def fit(self, reference: np.ndarray) -> PCAReconstructionError:
-        self.mean_, self.components_, _ = fit_pca(reference, self.k)
+    def fit(self, reference: np.ndarray, pca: tuple | None = None) -> PCAReconstructionError:
+        """Learn from reference activations; ``pca`` = a :func:`fit_pca` result to share between detectors."""
+        self.mean_, self.components_, self.sd_ = pca or fit_pca(reference, self.k)
         r = self._residual(reference)
         self.scale_ = float(max(r.mean(), 1e-12))
         rel = r / self.scale_
         self.mu_, self.sigma_ = float(rel.mean()), float(max(rel.std(), 1e-12))
         return self
 
-    def transform(self, x: np.ndarray) -> np.ndarray:
-        return (self._residual(x) / self.scale_)[:, None]
+    def transform(self, x: np.ndarray, cache: dict | None = None) -> np.ndarray:
+        return (self._residual(x, cache) / self.scale_)[:, None]
 
     def statistic(self, windows: np.ndarray) -> np.ndarray:
         w = as_windows(windows)
@@ -66,12 +67,12 @@ class PCAReconstructionError:
         return ["residual"]
 
     def state(self) -> dict[str, Any]:
-        return {"mean": self.mean_, "components": self.components_,
+        return {"mean": self.mean_, "components": self.components_, "sd": self.sd_,
                 "moments": np.array([self.scale_, self.mu_, self.sigma_])}
 
     @classmethod
     def from_state(cls, state: dict[str, np.ndarray]) -> PCAReconstructionError:
         det = cls(k=len(state["components"]))
-        det.mean_, det.components_ = np.asarray(state["mean"]), np.asarray(state["components"])
+        det.mean_, det.components_, det.sd_ = (np.asarray(state[k]) for k in ("mean", "components", "sd"))
         det.scale_, det.mu_, det.sigma_ = (float(v) for v in state["moments"])
         return det

@@ -54,7 +54,7 @@ class PSI:
             out[:, j] = ((p - q) * np.log(p / q)).sum(axis=1)
         return out
 
-    def transform(self, x: np.ndarray) -> np.ndarray:
+    def transform(self, x: np.ndarray, cache: dict | None = None) -> np.ndarray:
         return np.asarray(x, dtype=np.float64)
 
     def statistic(self, windows: np.ndarray) -> np.ndarray:

@@ -34,7 +34,7 @@ class ConceptRate:
         self.thresholds = np.asarray(thresholds, dtype=np.float64)
         self.min_rate = min_rate
 
-    def transform(self, scores: np.ndarray) -> np.ndarray:
+    def transform(self, scores: np.ndarray, cache: dict | None = None) -> np.ndarray:
         return (np.asarray(scores, dtype=np.float64) >= self.thresholds).astype(np.float64)
 
     def fit(self, reference_scores: np.ndarray) -> ConceptRate:

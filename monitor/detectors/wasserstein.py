@@ -42,7 +42,7 @@ class Wasserstein:
         diff = np.abs(q.transpose(1, 2, 0) - self.quantiles_[None])  # [n, c, grid]
         return diff.mean(axis=2) / self.scale_
 
-    def transform(self, x: np.ndarray) -> np.ndarray:
+    def transform(self, x: np.ndarray, cache: dict | None = None) -> np.ndarray:
         return np.asarray(x, dtype=np.float64)
 
     def statistic(self, windows: np.ndarray) -> np.ndarray:
