@@ -24,8 +24,9 @@ from dataclasses import dataclass
 
 import torch
 
+from collectors.record import STAT_NAMES  # noqa: F401  (the order head_statistics returns)
+
 PREFIX = "latentwatch+"
-STAT_NAMES = ("entropy", "first_token_mass", "mean_distance", "max_weight")
 
 # attention module -> callback(module, query, key, attention_mask, kwargs); set by taps.
 _OBSERVERS: weakref.WeakKeyDictionary[torch.nn.Module, Callable] = weakref.WeakKeyDictionary()

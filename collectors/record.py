@@ -21,7 +21,7 @@ key; the key itself never leaves the process), ``n_tokens``, ``meta`` (at most 1
 
 Arrays per site: ``mean`` and ``last`` (pooled activations, ``[d]``), ``norm`` (``[2]``: mean and last
 token L2 norm) for activation sites; ``heads`` (``[n_heads, 4]``, see
-:data:`collectors.attention.STAT_NAMES`) for attention sites.
+:data:`STAT_NAMES`) for attention sites.
 
 :func:`decode` accepts arbitrary bytes and either returns a :class:`Record` or raises
 :class:`RecordError` with the reason; it never reads past the buffer and allocates at most the
@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+STAT_NAMES = ("entropy", "first_token_mass", "mean_distance", "max_weight")  # columns of a site's "heads"
 MAGIC = b"LWSR"
 VERSION = 1
 SCHEMA = 1

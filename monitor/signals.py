@@ -15,8 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from collectors.attention import STAT_NAMES
-from collectors.record import Record
+from collectors.record import STAT_NAMES, Record
 from monitor.probe import ProbeSet
 
 
