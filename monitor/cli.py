@@ -180,3 +180,91 @@ def _print_cards(cards: list[dict]) -> None:
     console.print(table)
     if cards:
         console.print(f"[dim]{cards[0]['caveat']}[/dim]")
+
+
+baseline_app = typer.Typer(help="Build and inspect baselines.", no_args_is_help=True)
+app.add_typer(baseline_app, name="baseline")
+
+
+def false_alarm_budget(every: float | None, days: float | None, sampled_per_second: float | None) -> float:
+    """Records between false alarms, from a record count or from days at a sampled traffic rate."""
+    if days is not None:
+        if not sampled_per_second:
+            raise typer.BadParameter("--false-alarm-days needs --sampled-per-second")
+        return days * 86_400 * sampled_per_second
+    return every if every is not None else 20_000
+
+
+@baseline_app.command("build")
+def baseline_build(
+    records: list[Path] = typer.Argument(..., help="reference signature files (file sink output)"),
+    out: Path = typer.Option(Path("baseline.safetensors"), help="baseline file to write"),
+    probes: Path = typer.Option(None, help="folder of *.probe.json (concept scores and rates)"),
+    window: int = typer.Option(200, help="records per detector window"),
+    stride: int = typer.Option(50, help="evaluate every STRIDE records"),
+    false_alarm_every: float = typer.Option(None, help="expected sampled records between false alarms"),
+    false_alarm_days: float = typer.Option(None, help="...or expected days between false alarms"),
+    sampled_per_second: float = typer.Option(None, help="sampled records per second (with --false-alarm-days)"),
+    univariate: list[str] = typer.Option(["ks"], help="ks, psi and/or wasserstein"),
+) -> None:
+    """Build a baseline from reference records and calibrate every detector to the false-alarm budget."""
+    from pydantic import ValidationError
+
+    from collectors.sinks import FileReadStats, read_file
+    from monitor.baseline import AnalyzerConfig, Baseline, BaselineError
+    from monitor.probe import ProbeError, ProbeSet
+
+    try:
+        config = AnalyzerConfig(window=window, stride=stride, univariate=univariate,
+                                false_alarm_every=false_alarm_budget(false_alarm_every, false_alarm_days,
+                                                                     sampled_per_second))
+    except ValidationError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    recs, stats = [], FileReadStats()
+    for path in records:
+        recs += list(read_file(path, stats))
+    if stats.corrupt:
+        console.print(f"[yellow]warning:[/yellow] skipped {stats.corrupt} corrupt records")
+    try:
+        probe_set = ProbeSet.load_dir(probes, fingerprint=recs[0].fingerprint if recs else None) if probes else None
+        with console.status(f"calibrating {len(recs)} records for one false alarm per "
+                            f"{config.false_alarm_every:,.0f} records"):
+            base = Baseline.build(recs, probe_set, config)
+    except (BaselineError, ProbeError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    base.save(out)
+    _print_baseline(base)
+    console.print(f"wrote {out}")
+
+
+@baseline_app.command("show")
+def baseline_show(path: Path = typer.Argument(..., help="a baseline file")) -> None:
+    """Print a baseline's detectors, thresholds and calibration."""
+    from monitor.baseline import Baseline, BaselineError
+
+    try:
+        base = Baseline.load(path)
+    except BaselineError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    _print_baseline(base)
+
+
+def _print_baseline(base) -> None:
+    cal = base.info["calibration"]
+    console.print(f"model {base.model} ({base.fingerprint}); {base.info['reference_records']} reference + "
+                  f"{base.info['calibration_records']} calibration records; window {base.config.window}, "
+                  f"stride {base.config.stride}")
+    console.print(f"false-alarm budget: one per {cal['target_records_between_false_alarms']:,.0f} records; "
+                  f"simulated {cal['simulated_records_between_false_alarms']:,} "
+                  f"(from {cal['simulated_alarms']} simulated alarms, "
+                  f"±{100 * (cal['relative_standard_error'] or 0):.0f} %)")
+    table = Table()
+    for col in ("detector", "threshold", "components"):
+        table.add_column(col)
+    for s in base.slots:
+        comps = ", ".join(s.components[:4]) + (f", … ({len(s.components)})" if len(s.components) > 4 else "")
+        table.add_row(s.name, f"{s.threshold:.4g}", comps)
+    console.print(table)
