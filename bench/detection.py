@@ -1,0 +1,165 @@
+"""False-alarm rate and detection delay on real text through the real model (SmolLM2 + the tap).
+
+(a) No shift: a baseline from one half of a source (tweets), then many streams resampled from the
+    *other* half. The measured records between false alarms (all detectors together) is compared
+    with the budget the baseline was calibrated for.
+(b) Real shifts: streams that switch from the baseline source to another at record 0 -- tweets ->
+    drug reviews, tweets -> in-the-wild jailbreak prompts, English dialog -> French dialog (a baseline
+    of English dialog) -- and a gradual mix of 0 % -> 30 % drug reviews. For each detector: the
+    median delay (records after the switch) to its first alarm over repeated streams, or "-" if it
+    never fired within the stream.
+
+Records are computed once per text and cached under the latentwatch cache folder (the first run
+spends a few minutes in the model). Probes: the cached built-in pack when its fingerprint matches.
+
+Usage: python bench/detection.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from collectors import models as zoo
+from collectors.fingerprint import fingerprint
+from collectors.models import cache_dir
+from collectors.record import Record
+from collectors.sinks import FileSink, read_file
+from monitor import corpora
+from monitor.analyzer import Analyzer
+from monitor.baseline import AnalyzerConfig, Baseline
+from monitor.features import run_texts, text_key
+from monitor.probe import ProbeError, ProbeSet
+from monitor.train import pack_dir
+
+
+def cached_records(lm, texts: list[str], sites: list[str], tag: str, max_length: int) -> list[Record]:
+    """Records for ``texts`` (in order), from a cache file when it holds them all."""
+    path = cache_dir() / "bench" / f"{tag}-{max_length}.lwsr"
+    have: dict[str, Record] = {}
+    if path.exists():
+        have = {r.meta.get("text_key", ""): r for r in read_file(path)}
+    missing = [t for t in texts if text_key(t) not in have]
+    if missing:
+        recs = run_texts(lm, missing, sites, max_length=max_length, description=tag)
+        with FileSink(path) as sink:
+            for t, r in zip(missing, recs, strict=True):
+                r.meta = {"text_key": text_key(t)}
+                sink.write(r)
+                have[text_key(t)] = r
+    return [have[text_key(t)] for t in texts]
+
+
+def run_stream(base: Baseline, probes: ProbeSet | None, stream: list[Record], batch: int = 100):
+    analyzer = Analyzer(base, probes)
+    first: dict[str, int] = {}
+    for i in range(0, len(stream), batch):
+        for event in analyzer.update(stream[i : i + batch]):
+            first.setdefault(event.detector, event.at_record)
+    return analyzer, first
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    logging.getLogger("monitor.analyzer").setLevel(logging.ERROR)  # alarms are counted, not printed
+    n_half, n_shift, max_length = (300, 120, 48) if args.quick else (1500, 500, 64)
+    window, stride, ert = (50, 10, 500) if args.quick else (200, 20, 2000)
+    noshift_records = 40_000 if args.quick else 200_000
+    repeats = 5 if args.quick else 20
+    t0 = time.perf_counter()
+    lm = zoo.load("smollm2")
+    fp = fingerprint(lm.model)
+    sites = ["layers.9.resid", "layers.19.resid", "layers.29.resid", "layers.29.attn"]
+    try:
+        probes = ProbeSet.load_dir(pack_dir(fp), fingerprint=fp)
+        probe_kind = f"built-in pack ({len(probes.concepts)} concepts)"
+    except ProbeError:
+        probes, probe_kind = None, "none (train the built-in pack for concept detectors)"
+
+    tweets = [t.text for t in corpora.sample(corpora.tweets(), 2 * n_half, seed=0)]
+    english = [t.text for t in corpora.sample(corpora.dialog("english"), 2 * n_half, seed=0)]
+    shifts = {
+        "tweets->drug_reviews": ("tweets", [t.text for t in corpora.sample(corpora.drug_reviews(), n_shift, 1)]),
+        "tweets->jailbreaks": ("tweets", [t.text for t in corpora.sample(corpora.jailbreaks(), n_shift, 1)]),
+        "english->french_dialog": ("english", [t.text for t in corpora.sample(corpora.dialog("french"), n_shift, 1)]),
+    }
+    recs = {
+        "tweets": cached_records(lm, tweets, sites, "tweets", max_length),
+        "english": cached_records(lm, english, sites, "english-dialog", max_length),
+    }
+    for name, (_, texts) in shifts.items():
+        recs[name] = cached_records(lm, texts, sites, name.split("->")[1], max_length)
+    model_seconds = time.perf_counter() - t0
+
+    config = AnalyzerConfig(window=window, stride=stride, false_alarm_every=ert)
+    rng = np.random.default_rng(0)
+    result: dict = {"probes": probe_kind, "window": window, "stride": stride,
+                    "target_records_between_false_alarms": ert}
+    bases = {}
+    for src in ("tweets", "english"):
+        half_a = recs[src][:n_half]
+        bases[src] = Baseline.build(half_a, probes, config)
+
+    # (a) no shift: resampled streams from the half the baseline never saw
+    half_b = recs["tweets"][n_half:]
+    alarms = 0
+    fed = 0
+    while fed < noshift_records:
+        stream = [half_b[i] for i in rng.integers(0, len(half_b), size=5000)]
+        analyzer, _ = run_stream(bases["tweets"], probes, stream)
+        alarms += sum(s.alarms_total for s in analyzer.states)
+        fed += len(stream)
+    measured = fed / max(1, alarms)
+    result["noshift_records"] = fed
+    result["noshift_false_alarms"] = alarms
+    result["measured_records_between_false_alarms"] = round(measured, 1)
+    result["false_alarm_ratio_measured_to_target"] = round(measured / ert, 3)
+
+    # (b) shifts: warm up on the baseline source's unseen half, then switch at record `warm`
+    warm = window
+    delays: dict[str, dict[str, int | None]] = {}
+    scenarios = {name: (src, recs[name]) for name, (src, _) in shifts.items()}
+    scenarios["tweets->30%_drug_reviews_gradual"] = ("tweets", recs["tweets->drug_reviews"])
+    for name, (src, new) in scenarios.items():
+        pool = recs[src][n_half:]
+        per_detector: dict[str, list[int]] = {}
+        length = 4 * window
+        for _ in range(repeats):
+            before = [pool[i] for i in rng.integers(0, len(pool), size=warm)]
+            if "gradual" in name:
+                mix = np.linspace(0, 0.3, length)
+                after = [new[rng.integers(len(new))] if rng.random() < p else pool[rng.integers(len(pool))]
+                         for p in mix]
+            else:
+                after = [new[i] for i in rng.integers(0, len(new), size=length)]
+            _, first = run_stream(bases[src], probes, before + after)
+            for det, at in first.items():
+                if at > warm:
+                    per_detector.setdefault(det, []).append(at - warm)
+        delays[name] = {det: int(statistics.median(v)) for det, v in sorted(per_detector.items())
+                        if len(v) >= repeats // 2}
+    result["median_delay_records"] = delays
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    result["model_seconds"] = round(model_seconds, 1)
+
+    print(f"(a) no shift: {alarms} false alarms in {fed:,} records -> one per {measured:,.0f} "
+          f"(target {ert:,}; ratio {measured / ert:.2f})")
+    print("(b) median detection delay in records after the shift (detectors that fired in >= half the runs):")
+    dets = sorted({d for v in delays.values() for d in v})
+    print(f"{'detector':<28}" + "".join(f"{n[:22]:>24}" for n in delays))
+    for d in dets:
+        print(f"{d:<28}" + "".join(f"{delays[n].get(d, '-')!s:>24}" for n in delays))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
