@@ -71,8 +71,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     logging.getLogger("monitor.analyzer").setLevel(logging.ERROR)  # alarms are counted, not printed
-    n_half, n_shift, max_length = (300, 120, 48) if args.quick else (1500, 500, 64)
-    window, stride, ert = (50, 10, 500) if args.quick else (200, 20, 2000)
+    # calibration holds when the baseline is >= ~100 windows long (docs/analyzer.md); quick mode is smaller
+    n_half, n_shift, max_length = (300, 120, 48) if args.quick else (5000, 500, 48)
+    window, stride, ert = (20, 5, 200) if args.quick else (50, 10, 1000)
     noshift_records = 40_000 if args.quick else 200_000
     repeats = 5 if args.quick else 20
     t0 = time.perf_counter()
@@ -132,7 +133,7 @@ def main() -> None:
     for name, (src, new) in scenarios.items():
         pool = recs[src][n_half:]
         per_detector: dict[str, list[int]] = {}
-        length = 4 * window
+        length = max(200, 4 * window)
         for _ in range(repeats):
             before = [pool[i] for i in rng.integers(0, len(pool), size=warm)]
             if "gradual" in name:

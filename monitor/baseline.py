@@ -118,8 +118,15 @@ class Baseline:
         report["seconds"] = round(time.perf_counter() - t0, 2)
         for slot, th in zip(slots, thresholds, strict=True):
             slot.threshold = float(th)
+        warnings = []
+        if len(records) < 100 * config.window:
+            warnings.append(
+                f"{len(records)} reference records for window {config.window}: below 100 windows' worth, the "
+                f"finite reference makes the real false-alarm rate differ from the budget (usually fewer "
+                f"alarms); record more reference traffic or use a smaller window")
         info = {
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "warnings": warnings,
             "reference_records": int(half), "calibration_records": int(len(records) - half),
             "calibration": report,
         }

@@ -261,6 +261,8 @@ def _print_baseline(base) -> None:
                   f"simulated {cal['simulated_records_between_false_alarms']:,} "
                   f"(from {cal['simulated_alarms']} simulated alarms, "
                   f"±{100 * (cal['relative_standard_error'] or 0):.0f} %)")
+    for warning in base.info.get("warnings", []):
+        console.print(f"[yellow]warning:[/yellow] {warning}")
     table = Table()
     for col in ("detector", "threshold", "components"):
         table.add_column(col)
