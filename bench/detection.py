@@ -28,32 +28,13 @@ import torch
 
 from collectors import models as zoo
 from collectors.fingerprint import fingerprint
-from collectors.models import cache_dir
 from collectors.record import Record
-from collectors.sinks import FileSink, read_file
 from monitor import corpora
 from monitor.analyzer import Analyzer
 from monitor.baseline import AnalyzerConfig, Baseline
-from monitor.features import run_texts, text_key
+from monitor.features import cached_records
 from monitor.probe import ProbeError, ProbeSet
 from monitor.train import pack_dir
-
-
-def cached_records(lm, texts: list[str], sites: list[str], tag: str, max_length: int) -> list[Record]:
-    """Records for ``texts`` (in order), from a cache file when it holds them all."""
-    path = cache_dir() / "bench" / f"{tag}-{max_length}.lwsr"
-    have: dict[str, Record] = {}
-    if path.exists():
-        have = {r.meta.get("text_key", ""): r for r in read_file(path)}
-    missing = [t for t in texts if text_key(t) not in have]
-    if missing:
-        recs = run_texts(lm, missing, sites, max_length=max_length, description=tag)
-        with FileSink(path) as sink:
-            for t, r in zip(missing, recs, strict=True):
-                r.meta = {"text_key": text_key(t)}
-                sink.write(r)
-                have[text_key(t)] = r
-    return [have[text_key(t)] for t in texts]
 
 
 def run_stream(base: Baseline, probes: ProbeSet | None, stream: list[Record], batch: int = 100):
@@ -94,11 +75,11 @@ def main() -> None:
         "english->french_dialog": ("english", [t.text for t in corpora.sample(corpora.dialog("french"), n_shift, 1)]),
     }
     recs = {
-        "tweets": cached_records(lm, tweets, sites, "tweets", max_length),
-        "english": cached_records(lm, english, sites, "english-dialog", max_length),
+        "tweets": cached_records(lm, tweets, sites, "tweets", max_length=max_length),
+        "english": cached_records(lm, english, sites, "english-dialog", max_length=max_length),
     }
     for name, (_, texts) in shifts.items():
-        recs[name] = cached_records(lm, texts, sites, name.split("->")[1], max_length)
+        recs[name] = cached_records(lm, texts, sites, name.split("->")[1], max_length=max_length)
     model_seconds = time.perf_counter() - t0
 
     config = AnalyzerConfig(window=window, stride=stride, false_alarm_every=ert)

@@ -45,11 +45,11 @@ def sites(
 @app.command()
 def demo(
     model: str = typer.Option("smollm2", help="smollm2 or minilm"),
-    out: Path = typer.Option(Path("latentwatch-out"), help="folder for the recorded signatures"),
-    sample_rate: float = typer.Option(1.0, help="share of requests the tap samples"),
-    quick: bool = typer.Option(False, help="fewer texts (for CI)"),
+    out: Path = typer.Option(Path("latentwatch-out"), help="folder for the baseline, records and summary"),
+    sample_rate: float = typer.Option(1.0, help="share of live requests the tap samples"),
+    quick: bool = typer.Option(False, help="fewer texts and smaller windows (for CI)"),
 ) -> None:
-    """Run real text through a real model with the tap attached and record signatures."""
+    """The end-to-end run: real model, concept probes, a calibrated baseline, live traffic that shifts."""
     from monitor.demo import run_demo
 
     summary = run_demo(model=model, out=out, sample_rate=sample_rate, quick=quick, console=console)

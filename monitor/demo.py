@@ -1,90 +1,199 @@
-"""``latentwatch demo``: real text through a real model with the tap attached.
+"""``latentwatch demo``: the embedded end-to-end run, no servers to start.
 
-This first version shows the collection side end to end: ordinary English dialog, then a shift to
-prompt-injection attempts, run through SmolLM2 in batches with the tap sampling requests; the
-signatures are written to a file with the file sink and summarised per site (how far the live window's
-mean pooled activation moved from the reference window, in units of the reference spread).
+1. Load SmolLM2-135M-Instruct (packaged GGUF, cached as safetensors after the first run).
+2. Load the built-in concept pack for this model, or train it on first use (reduced sizes, cached).
+3. Record a baseline of ordinary traffic -- English dialog and tweets -- through the tap, and
+   calibrate every detector to a stated false-alarm budget.
+4. Serve live traffic through the model with the tap attached: ordinary traffic the baseline never
+   saw, then, from the shift point on, prompt-injection and jailbreak attempts. The analyzer reads
+   the tap's records as they come; a live table shows each drift statistic against its threshold.
+5. Report when each alarm fired relative to the true shift point, the false alarms before it, what
+   moved (attribution) and the concept rates before and after; write everything to ``--out``.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from rich.console import Console
-from rich.progress import track
+from rich.console import Console, Group
+from rich.live import Live
 from rich.table import Table
 
-from collectors import FileSink, Tap, read_file
+from collectors import QueueSink, Tap
 from collectors import models as model_zoo
+from collectors.fingerprint import fingerprint
+from collectors.sinks import FileSink
+from collectors.sites import default_sites
 from monitor import corpora
+from monitor.analyzer import Analyzer
+from monitor.baseline import AnalyzerConfig, Baseline
+from monitor.concepts import builtin_specs
+from monitor.features import cached_records
+from monitor.probe import CAVEAT, ProbeError, ProbeSet
+from monitor.train import pack_dir, train_specs
+
+MAX_TOKENS = 48
 
 
-def _batches(items: list, size: int):
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
+def load_or_train_pack(lm: model_zoo.LoadedModel, console: Console, max_per_source: int) -> ProbeSet:
+    """The cached built-in pack for this model, trained first if it is missing or incomplete."""
+    fp = fingerprint(lm.model)
+    folder = pack_dir(fp)
+    specs = builtin_specs()
+    try:
+        pack = ProbeSet.load_dir(folder, fingerprint=fp)
+        if set(pack.concepts) >= {s.concept for s in specs}:
+            return pack
+    except ProbeError:
+        pass
+    console.print(f"training the built-in concept pack ({len(specs)} concepts, up to {max_per_source} texts per "
+                  f"source); cached in {folder} for next time")
+    have = {p.stem.removesuffix(".probe") for p in folder.glob("*.probe.json")} if folder.exists() else set()
+    todo = [s for s in specs if s.concept not in have]
+    train_specs(todo, lm, folder, max_per_source=max_per_source)
+    return ProbeSet.load_dir(folder, fingerprint=fp)
 
 
-def run_demo(model: str, out: Path, sample_rate: float, quick: bool, console: Console) -> dict:
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+def _table(analyzer: Analyzer, served: int, shift_at: int) -> Table:
+    phase = "ordinary traffic" if served < shift_at else f"SHIFTED (+{served - shift_at}): injection attempts"
+    table = Table(title=f"latentwatch demo -- {served} live requests, {phase}")
+    for col in ("detector", "statistic", "threshold", "ratio", "state", "alarms"):
+        table.add_column(col, justify="right" if col not in ("detector", "state") else "left")
+    for st in analyzer.states:
+        ratio = st.value / st.slot.threshold if st.slot.threshold > 0 and np.isfinite(st.value) else float("nan")
+        table.add_row(st.slot.name, f"{st.value:.4g}", f"{st.slot.threshold:.4g}", f"{ratio:.2f}",
+                      "[red]ALARM[/red]" if st.alarm else "ok", str(st.alarms_total))
+    return table
+
+
+def run_demo(model: str, out: Path, sample_rate: float, quick: bool, console: Console) -> dict[str, Any]:
+    logging.getLogger("monitor.analyzer").setLevel(logging.ERROR)  # alarms are shown in the table
     t0 = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
     console.print(f"loading {model} ...")
     lm = model_zoo.load(model)
-    lm.tokenizer.padding_side = "left" if lm.kind == "causal-lm" else "right"
-    n = 48 if quick else 240
-    reference = corpora.sample(corpora.dialog("english"), n, seed=1)
-    live_normal = corpora.sample(corpora.dialog("english"), n // 2, seed=2)
-    attacks = [t for t in corpora.injections() if t.labels["label"] == "malicious"]
-    live_shift = corpora.sample(attacks, n // 2, seed=3)
-    phases = [("reference", reference), ("live-normal", live_normal), ("live-shifted", live_shift)]
+    probes = load_or_train_pack(lm, console, max_per_source=40 if quick else 100)
+    sites = sorted(set(default_sites(lm.model)) | set(probes.needs()), key=lambda s: int(s.split(".")[1]))
+    sites.append(sites[-1].replace(".resid", ".attn"))
 
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "signatures.lwsr"
-    path.unlink(missing_ok=True)
-    sink = FileSink(path)
-    from collectors.sites import default_sites
+    # baseline: ordinary traffic, recorded through the same tap (cached per text after the first run)
+    n_base = 600 if quick else 1500
+    window, stride, budget = (20, 5, 1000) if quick else (30, 5, 5000)
+    dialog = corpora.dialog("english")
+    tweets = corpora.tweets()
+    base_texts = [t.text for t in corpora.sample(dialog, n_base // 2, seed=1) + corpora.sample(tweets, n_base // 2, 1)]
+    reference = cached_records(lm, base_texts, sites, "demo-baseline", max_length=MAX_TOKENS)
+    config = AnalyzerConfig(window=window, stride=stride, false_alarm_every=budget)
+    with console.status("calibrating detectors to the false-alarm budget"):
+        baseline = Baseline.build(reference, probes, config)
+    baseline.save(out / "baseline.safetensors")
+    for warning in baseline.info["warnings"]:
+        console.print(f"[yellow]note:[/yellow] {warning}")
 
-    sites = default_sites(lm.model)
-    attn_site = sites[-1].replace(".resid", ".attn")
-    with Tap(lm.model, [*sites, attn_site], sink=sink, sample_rate=sample_rate, model_name=lm.name,
-             metadata={"replica": "demo-0"}) as tap:
-        for phase, texts in phases:
-            for batch in track(list(_batches(texts, 8)), description=f"{phase:>13}", console=console):
-                enc = lm.tokenizer([t.text for t in batch], return_tensors="pt", padding=True,
-                                   truncation=True, max_length=96)
-                keys = [f"{phase}-{t.source}-{hash(t.text)}" for t in batch]
-                with tap.request(keys=keys, metadata={"route": phase}), torch.no_grad():
-                    lm.model(**enc)
-        tap.flush()
-        stats = tap.stats
-    sink.close()
+    # live traffic: unseen ordinary requests, then injection / jailbreak attempts
+    n_live = 120 if quick else 300
+    seen = set(base_texts)
+    ordinary = [t for t in corpora.sample(dialog, 3 * n_live, seed=7) + corpora.sample(tweets, 3 * n_live, 7)
+                if t.text not in seen]
+    ordinary = corpora.sample(ordinary, n_live, seed=8)
+    attacks = [t for t in corpora.injections() if t.labels["label"] == "malicious"] + corpora.jailbreaks()
+    attacks = corpora.sample(attacks, n_live, seed=9)
+    live = [(t.text, "ordinary") for t in ordinary] + [(t.text, "attack") for t in attacks]
+    shift_at = len(ordinary)
 
-    by_phase: dict[str, list] = {}
-    for rec in read_file(path):
-        by_phase.setdefault(rec.meta["route"], []).append(rec)
-    table = Table(title="shift of mean pooled activation vs reference (z-units of the reference spread)")
-    table.add_column("site")
-    for phase, _ in phases[1:]:
-        table.add_column(phase, justify="right")
-    shift = {}
-    for site in sites:
-        ref = np.stack([r.sites[site]["mean"] for r in by_phase.get("reference", [])])
-        mu, sd = ref.mean(0), ref.std(0) + 1e-6
-        row = []
-        for phase, _ in phases[1:]:
-            live = np.stack([r.sites[site]["mean"] for r in by_phase.get(phase, [])])
-            z = float(np.sqrt(np.mean(((live.mean(0) - mu) / sd) ** 2)) * np.sqrt(len(live)))
-            shift[f"{site}/{phase}"] = round(z, 2)
-            row.append(f"{z:.2f}")
-        table.add_row(site, *row)
-    console.print(table)
-    return {
+    analyzer = Analyzer(baseline, probes)
+    queue_sink = QueueSink()
+    (out / "live.lwsr").unlink(missing_ok=True)  # the file sink appends; this run's records only
+    file_sink = FileSink(out / "live.lwsr")
+    served = 0
+    alarms: list[dict[str, Any]] = []
+    lm.tokenizer.padding_side = "left"
+    tap = Tap(lm.model, sites, sink=queue_sink, sample_rate=sample_rate, model_name=lm.name,
+              metadata={"replica": "demo-0"}).attach()
+    try:
+        with Live(_table(analyzer, 0, shift_at), console=console, refresh_per_second=4) as view:
+            for start in range(0, len(live), 8):
+                batch = live[start : start + 8]
+                enc = lm.tokenizer([t for t, _ in batch], return_tensors="pt", padding=True, truncation=True,
+                                   max_length=MAX_TOKENS)
+                keys = [f"live-{start + i}" for i in range(len(batch))]
+                with tap.request(keys=keys, metadata={"route": "/chat"}), torch.no_grad():
+                    lm.model(**enc)  # serving: the tap samples, reduces off the forward path
+                tap.flush()
+                served += len(batch)
+                recs = queue_sink.drain()
+                for rec in recs:
+                    file_sink.write(rec)
+                for event in analyzer.update(recs):
+                    alarms.append({"detector": event.detector, "at_record": event.at_record,
+                                   "after_shift": event.at_record - shift_at, "statistic": event.statistic,
+                                   "threshold": event.threshold, "attribution": event.attribution})
+                view.update(_table(analyzer, served, shift_at))
+    finally:
+        tap.detach()
+        file_sink.close()
+
+    before = [a for a in alarms if a["after_shift"] <= 0]
+    after = [a for a in alarms if a["after_shift"] > 0]
+    first_after: dict[str, int] = {}
+    for a in after:
+        first_after.setdefault(a["detector"], a["after_shift"])
+    scores = probes.score([r for r in _read(out / "live.lwsr")])
+    n_before = shift_at
+    rates = {c: {"baseline": round(baseline.info["concept_base_rates"][c], 3),
+                 "before_shift": round(float((scores[:n_before, j] >= 0.5).mean()), 3),
+                 "after_shift": round(float((scores[n_before:, j] >= 0.5).mean()), 3)}
+             for j, c in enumerate(probes.concepts)}
+    _report(console, first_after, before, rates, analyzer, shift_at)
+    summary = {
         "model": lm.name,
-        "records": sum(len(v) for v in by_phase.values()),
-        "file": str(path),
-        "tap": vars(stats),
-        "shift_z": shift,
+        "fingerprint": baseline.fingerprint,
+        "baseline_records": len(reference),
+        "false_alarm_budget_records": budget,
+        "live_records": served,
+        "shift_at_record": shift_at,
+        "false_alarms_before_shift": len(before),
+        "first_alarm_after_shift": min(first_after.values()) if first_after else None,
+        "detection_delay_records": first_after,
+        "concept_rates": rates,
+        "tap": {k: v for k, v in vars(tap.stats).items() if k != "worker_busy_seconds"},
+        "invalid_records": dict(analyzer.stats.invalid_total),
         "seconds": round(time.perf_counter() - t0, 1),
+        "caveat": CAVEAT,
     }
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    (out / "alarms.json").write_text(json.dumps(alarms, indent=1))
+    return summary
+
+
+def _read(path: Path):
+    from collectors.sinks import read_file
+
+    return list(read_file(path))
+
+
+def _report(console: Console, first_after: dict[str, int], before: list, rates: dict, analyzer: Analyzer,
+            shift_at: int) -> None:
+    t = Table(title=f"alarms relative to the shift at live record {shift_at}")
+    t.add_column("detector")
+    t.add_column("first alarm, records after shift", justify="right")
+    for det, delay in sorted(first_after.items(), key=lambda kv: kv[1]):
+        t.add_row(det, str(delay))
+    r = Table(title="concept rates (share of requests with probe score >= 0.5)")
+    for col in ("concept", "baseline", "before shift", "after shift"):
+        r.add_column(col, justify="left" if col == "concept" else "right")
+    for c, v in rates.items():
+        r.add_row(c, f"{v['baseline']:.3f}", f"{v['before_shift']:.3f}", f"{v['after_shift']:.3f}")
+    a = Table(title="what moved most (detectors in alarm at the end, ranked by statistic / threshold)")
+    for col in ("detector", "component", "contribution"):
+        a.add_column(col)
+    for det, comp, val in analyzer.ranking(top=8):
+        a.add_row(det, comp, f"{val:+.3g}")
+    console.print(Group(t, f"false alarms before the shift: {len(before)}", r, a))
+    console.print(f"[dim]{CAVEAT}[/dim]")

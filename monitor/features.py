@@ -124,3 +124,25 @@ class FeatureCache:
             rows = np.array([pos[k] for k in keys], dtype=np.int64)
             out[site] = {p: store[p][rows] for p in POOLINGS}
         return out
+
+
+def cached_records(lm: LoadedModel, texts: list[str], sites: list[str], tag: str, *, max_length: int = 48,
+                   progress: bool = True) -> list[Record]:
+    """Records for ``texts`` (in order), computed once and kept in ``<cache>/records/<fingerprint>/``."""
+    from collectors.fingerprint import fingerprint
+    from collectors.sinks import FileSink, read_file
+
+    folder = cache_dir() / "records" / fingerprint(lm.model).replace(":", "-")
+    path = folder / f"{tag}-len{max_length}-{hashlib.blake2b(','.join(sites).encode(), digest_size=4).hexdigest()}.lwsr"
+    have: dict[str, Record] = {}
+    if path.exists():
+        have = {r.meta.get("text_key", ""): r for r in read_file(path)}
+    missing = list(dict.fromkeys(t for t in texts if text_key(t) not in have))
+    if missing:
+        recs = run_texts(lm, missing, sites, max_length=max_length, description=tag, progress=progress)
+        with FileSink(path) as sink:
+            for t, r in zip(missing, recs, strict=True):
+                r.meta = {"text_key": text_key(t)}
+                sink.write(r)
+                have[text_key(t)] = r
+    return [have[text_key(t)] for t in texts]

@@ -30,23 +30,29 @@ def test_sites_for_a_decoder_marks_defaults(smollm2):
     assert "attn" not in result.output.split("┃")[-1]  # filtered by --kind
 
 
-def test_demo_quick_records_real_signatures_and_sees_the_shift(tmp_path, smollm2):
+def test_demo_quick_runs_end_to_end_and_alarms_after_the_shift(tmp_path, smollm2):
     result = runner.invoke(app, ["demo", "--quick", "--out", str(tmp_path)], terminal_width=200)
     assert result.exit_code == 0, result.output
-    summary = json.loads(result.output[result.output.index("{\n"):])
-    assert summary["records"] == 96
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["live_records"] == 240 and summary["shift_at_record"] == 120
     assert summary["tap"]["hook_errors"] == summary["tap"]["worker_errors"] == 0
-    records = list(read_file(tmp_path / "signatures.lwsr"))
-    assert len(records) == 96
-    assert {r.meta["route"] for r in records} == {"reference", "live-normal", "live-shifted"}
-    # the injection prompts move the deepest residual stream further than ordinary dialog does
-    last = [k for k in summary["shift_z"] if k.startswith("layers.29.resid")]
-    assert summary["shift_z"]["layers.29.resid/live-shifted"] > 2 * summary["shift_z"]["layers.29.resid/live-normal"]
-    assert len(last) == 2
+    assert summary["tap"]["records_emitted"] == 240
+    # the budget is one false alarm per 1,000 records: 120 ordinary records should rarely alarm
+    assert summary["false_alarms_before_shift"] <= 2
+    assert summary["first_alarm_after_shift"] is not None and summary["first_alarm_after_shift"] <= 60
+    rates = summary["concept_rates"]["prompt_injection"]
+    assert rates["after_shift"] > rates["before_shift"] + 0.2
+    assert "rate:scores" in summary["detection_delay_records"]
+    records = list(read_file(tmp_path / "live.lwsr"))
+    assert len(records) == 240
+    from monitor.baseline import Baseline
 
-    inspected = runner.invoke(app, ["inspect", str(tmp_path / "signatures.lwsr"), "--limit", "1"])
+    assert Baseline.load(tmp_path / "baseline.safetensors").fingerprint == records[0].fingerprint
+    assert "correlational" in result.output
+
+    inspected = runner.invoke(app, ["inspect", str(tmp_path / "live.lwsr"), "--limit", "1"])
     assert inspected.exit_code == 0
-    assert "96 records, 0 corrupt" in inspected.output
+    assert "240 records, 0 corrupt" in inspected.output
 
 
 def test_inspect_fails_on_a_corrupt_file(tmp_path):
