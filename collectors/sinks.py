@@ -116,13 +116,57 @@ class FileSink:
 
 
 class FileReadStats:
-    """What :func:`read_file` skipped: corrupt records and a truncated tail."""
+    """What a reader skipped: corrupt records and a truncated tail."""
 
     def __init__(self) -> None:
         self.records = 0
         self.corrupt = 0
         self.truncated_tail_bytes = 0
         self.errors: list[str] = []
+
+
+class RecordStream:
+    """Incremental decoder for records back to back (a file being appended to, an HTTP body).
+
+    ``feed(data)`` returns the complete records decoded so far; a partial record at the end waits for
+    more bytes. A corrupt record is counted in ``stats.corrupt`` and skipped: decoding resumes at the
+    next record boundary it can find, so one bad record never loses the ones after it.
+    """
+
+    _SYNC = MAGIC + bytes([VERSION, 0, 0, 0])
+
+    def __init__(self, stats: FileReadStats | None = None) -> None:
+        self.stats = stats if stats is not None else FileReadStats()
+        self._buf = b""
+        self._offset = 0  # bytes consumed before the buffer (for error messages)
+
+    @property
+    def pending_bytes(self) -> int:
+        return len(self._buf)
+
+    def feed(self, data: bytes) -> list[Record]:
+        buf = self._buf + data
+        out: list[Record] = []
+        pos = 0
+        while len(buf) - pos >= PREFIX.size:
+            try:
+                total = frame_length(buf[pos : pos + PREFIX.size])
+                if len(buf) - pos < total:
+                    break  # wait for the rest of this record
+                rec = decode(buf[pos : pos + total])
+            except RecordError as exc:
+                self.stats.corrupt += 1
+                if len(self.stats.errors) < 20:
+                    self.stats.errors.append(f"offset {self._offset + pos}: {exc}")
+                nxt = buf.find(self._SYNC, pos + 1)
+                pos = nxt if nxt >= 0 else max(pos + 1, len(buf) - len(self._SYNC) + 1)
+                continue
+            out.append(rec)
+            self.stats.records += 1
+            pos += total
+        self._offset += pos
+        self._buf = buf[pos:]
+        return out
 
 
 def read_file(path: str | os.PathLike[str], stats: FileReadStats | None = None) -> Iterator[Record]:
@@ -132,27 +176,10 @@ def read_file(path: str | os.PathLike[str], stats: FileReadStats | None = None) 
     boundary it can find); a truncated last record (a writer cut off mid-write) is counted in
     ``stats.truncated_tail_bytes``. Nothing else is lost.
     """
-    stats = stats if stats is not None else FileReadStats()
-    data = Path(path).read_bytes()
-    pos, n = 0, len(data)
-    while pos < n:
-        try:
-            total = frame_length(data[pos : pos + PREFIX.size])
-            if pos + total > n:
-                stats.truncated_tail_bytes = n - pos
-                log.warning("%s: last record truncated (%d bytes ignored)", path, n - pos)
-                return
-            rec = decode(data[pos : pos + total])
-        except RecordError as exc:
-            if pos + PREFIX.size > n:
-                stats.truncated_tail_bytes = n - pos
-                return
-            stats.corrupt += 1
-            if len(stats.errors) < 20:
-                stats.errors.append(f"offset {pos}: {exc}")
-            nxt = data.find(MAGIC + bytes([VERSION, 0, 0, 0]), pos + 1)
-            pos = nxt if nxt >= 0 else n
-            continue
-        stats.records += 1
-        pos += total
-        yield rec
+    stream = RecordStream(stats)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            yield from stream.feed(chunk)
+    if stream.pending_bytes:
+        stream.stats.truncated_tail_bytes = stream.pending_bytes
+        log.warning("%s: last record truncated (%d bytes ignored)", path, stream.pending_bytes)

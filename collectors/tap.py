@@ -38,6 +38,7 @@ import inspect
 import itertools
 import logging
 import queue
+import socket
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -105,7 +106,8 @@ class Tap:
             a Kafka sink...). Required.
         sample_rate: share of requests to sample, decided by a keyed hash of the request key.
         model_name: the ``model_name`` label records carry (default: from the model's config).
-        metadata: bounded static metadata put on every record (e.g. ``{"replica": "pod-3"}``).
+        metadata: bounded static metadata put on every record (``replica`` defaults to the host name).
+            Records also carry the tap's cumulative ``tap_sampled`` and ``tap_dropped`` counters.
         queue_size: captures waiting for the worker; beyond it sampled requests are dropped and counted.
         keep_text: copy request texts given to :meth:`request` into records. Off by default: raw text
             never leaves the serving process unless the operator turns this on.
@@ -132,7 +134,7 @@ class Tap:
         self.model_name = model_name or _default_name(model)
         self.keep_text = keep_text
         self.stats = TapStats()
-        self.metadata = self._clean_meta(metadata or {})
+        self.metadata = self._clean_meta({"replica": socket.gethostname()[:64], **(metadata or {})})
         self.sites: list[Site] = [resolve(model, s) for s in self.site_names]
         self.fingerprint: str = ""
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
@@ -246,7 +248,9 @@ class Tap:
     def _clean_meta(self, meta: Mapping[str, str]) -> dict[str, str]:
         out = {}
         for k, v in meta.items():
-            if isinstance(k, str) and _META_KEY.match(k) and isinstance(v, str) and len(v) <= 128:
+            # two of the 16 metadata slots carry the tap's own counters (tap_sampled, tap_dropped)
+            if (isinstance(k, str) and _META_KEY.match(k) and not k.startswith("tap_") and isinstance(v, str)
+                    and len(v) <= 128 and len(out) < 14):
                 out[k] = v
             else:
                 self.stats.metadata_rejected += 1
@@ -389,6 +393,8 @@ class Tap:
                     per_site[site] = {"heads": attention_heads(cap.attn[site], cap.mask)}
             arrays = {s: {n: t.float().cpu().numpy() for n, t in d.items()} for s, d in per_site.items()}
             n_tokens = cap.mask.sum(1).tolist()
+        meta = {**cap.meta, "tap_sampled": str(self.stats.requests_sampled),
+                "tap_dropped": str(self.stats.dropped_queue_full)}  # so the monitor can export the tap's drops
         return [
             Record(
                 model=self.model_name,
@@ -397,7 +403,7 @@ class Tap:
                 n_tokens=int(n_tokens[i]),
                 sites={s: {n: a[i] for n, a in d.items()} for s, d in arrays.items()},
                 ts=cap.ts,
-                meta=cap.meta,
+                meta=meta,
                 text=cap.texts[i] if cap.texts is not None else None,
             )
             for i, key in enumerate(cap.keys)

@@ -233,9 +233,11 @@ class Baseline:
         """Refuse a probe set other than the one the baseline was built with."""
         have = {p.concept: p.to_dict()["sha256"] for p in probes.probes} if probes else {}
         if have != self.probes:
+            changed = sorted(c for c in set(have) & set(self.probes) if have[c] != self.probes[c])
             raise BaselineError(
-                f"baseline was built with probes {sorted(self.probes)} (checksums differ or missing); "
-                f"loaded probes are {sorted(have)}; rebuild the baseline with `latentwatch baseline build`")
+                f"baseline was built with probes {sorted(self.probes)}, loaded probes are {sorted(have)}"
+                + (f" (retrained or edited since: {changed})" if changed else "")
+                + "; rebuild the baseline with `latentwatch baseline build`")
 
 
 def _digest(meta: str, arrays: dict[str, np.ndarray]) -> str:

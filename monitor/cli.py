@@ -57,6 +57,55 @@ def demo(
 
 
 @app.command()
+def serve(
+    config: Path = typer.Option(None, "--config", "-c", help="sidecar YAML (fields overridable by LATENTWATCH_*)"),
+) -> None:
+    """Run the sidecar: read records, analyze them, serve /metrics, /healthz, /readyz and POST /ingest."""
+    from monitor.baseline import BaselineError
+    from monitor.probe import ProbeError
+    from monitor.settings import ConfigError, load_settings
+    from monitor.sidecar import JsonFormatter
+    from monitor.sidecar import serve as run
+
+    try:
+        settings = load_settings(config)
+    except ConfigError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    handler = logging.StreamHandler()
+    if settings.log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+    try:
+        code = run(settings)
+    except (BaselineError, ProbeError, ValueError, OSError) as exc:
+        logging.getLogger("latentwatch.sidecar").error("cannot start: %s", exc)
+        raise typer.Exit(2) from exc
+    raise typer.Exit(code)
+
+
+@app.command()
+def replay(
+    path: Path = typer.Argument(..., help="a recorded signature file"),
+    url: str = typer.Option("http://127.0.0.1:9464/ingest", help="the sidecar's ingest URL"),
+    rate: float = typer.Option(0.0, help="records per second (0: as fast as possible)"),
+    batch: int = typer.Option(100, help="records per request"),
+    limit: int = typer.Option(None, help="stop after this many records"),
+) -> None:
+    """Feed a recorded signature file to a running sidecar (for testing alert rules and dashboards)."""
+    import urllib.error
+
+    from monitor.replay import replay as run
+
+    try:
+        result = run(path, url, rate, batch=batch, limit=limit)
+    except (urllib.error.URLError, OSError) as exc:
+        console.print(f"[red]error:[/red] cannot reach the sidecar at {url}: {exc}")
+        raise typer.Exit(2) from exc
+    console.print_json(json.dumps(result))
+
+
+@app.command()
 def inspect(
     path: Path = typer.Argument(..., help="a signature file written by the file sink"),
     limit: int = typer.Option(3, help="records to print as JSON"),

@@ -145,7 +145,8 @@ def test_text_stays_in_process_unless_enabled(smollm2):
             tap.flush()
         recs = sink.drain()
         assert [r.text for r in recs] == (TEXTS[:2] if keep else [None, None])
-        assert all(r.meta == {"route": "/chat"} for r in recs)
+        assert all(r.meta["route"] == "/chat" and "Bad Key" not in r.meta and "user_id" not in r.meta for r in recs)
+        assert all(r.meta["tap_sampled"] == "2" and r.meta["tap_dropped"] == "0" for r in recs)
         assert all(r.key not in ("a", "b") and len(r.key) == 32 for r in recs)
         assert tap.stats.metadata_rejected == 2
 

@@ -1,0 +1,119 @@
+"""Prometheus metrics of the sidecar, read from the analyzer at scrape time (a custom collector).
+
+Names follow Prometheus conventions: prefix ``latentwatch_``, base units, ``_total`` counters.
+Labels are bounded: ``model_name`` (one per baseline), ``detector`` (fixed by the baseline),
+``concept`` (fixed by the probe set), ``reason`` (4 values), ``replica`` (capped by
+``max_replicas``; further replicas are counted under ``replica="other"``), and ``component`` /
+``rank`` only for the top ``attribution_top`` components of detectors in alarm. No request ids.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import numpy as np
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, InfoMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from monitor.sidecar import Sidecar
+
+SCORE_BUCKETS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
+
+
+class SidecarCollector(Collector):
+    def __init__(self, sidecar: Sidecar) -> None:
+        self.sidecar = sidecar
+
+    def collect(self) -> Iterator:
+        sc = self.sidecar
+        with sc.lock:
+            yield from self._collect(sc)
+
+    def _collect(self, sc: Sidecar) -> Iterator:
+        a, base, m = sc.analyzer, sc.baseline, sc.baseline.model
+        received = CounterMetricFamily("latentwatch_records_received", "Records received by the sidecar",
+                                       labels=["model_name"])
+        received.add_metric([m], a.stats.records_total)
+        yield received
+        invalid = CounterMetricFamily("latentwatch_records_invalid", "Records refused, by reason",
+                                      labels=["model_name", "reason"])
+        for reason in ("fingerprint", "shape", "nonfinite", "corrupt"):
+            value = sc.corrupt_total if reason == "corrupt" else a.stats.invalid_total.get(reason, 0)
+            invalid.add_metric([m, reason], value)
+        yield invalid
+        tap = {name: CounterMetricFamily(f"latentwatch_tap_{name}", help_, labels=["model_name", "replica"])
+               for name, help_ in (("requests_sampled", "Requests the tap sampled, as reported by its records"),
+                                   ("dropped", "Sampled requests the tap dropped (queue full), as last reported"))}
+        for replica, counters in sorted(sc.replicas.items()):
+            tap["requests_sampled"].add_metric([m, replica], counters.get("sampled", 0))
+            tap["dropped"].add_metric([m, replica], counters.get("dropped", 0))
+        yield from tap.values()
+
+        stat = GaugeMetricFamily("latentwatch_drift_statistic", "Current drift statistic of each detector",
+                                 labels=["model_name", "detector", "test", "signal"])
+        thr = GaugeMetricFamily("latentwatch_drift_threshold", "Calibrated threshold of each detector",
+                                labels=["model_name", "detector", "test", "signal"])
+        alarm = GaugeMetricFamily("latentwatch_drift_alarm", "1 while the detector is above its threshold",
+                                  labels=["model_name", "detector", "test", "signal"])
+        alarms = CounterMetricFamily("latentwatch_drift_alarms", "Alarms fired (upward threshold crossings)",
+                                     labels=["model_name", "detector", "test", "signal"])
+        attribution = GaugeMetricFamily(
+            "latentwatch_drift_attribution", "Top components of detectors in alarm (signed contribution)",
+            labels=["model_name", "detector", "component", "rank"])
+        for st in a.states:
+            test, _, signal = st.slot.name.partition(":")
+            labels = [m, st.slot.name, test, signal]
+            stat.add_metric(labels, st.value if np.isfinite(st.value) else float("nan"))
+            thr.add_metric(labels, st.slot.threshold)
+            alarm.add_metric(labels, float(st.alarm))
+            alarms.add_metric(labels, st.alarms_total)
+            if st.alarm:
+                for rank, (comp, value) in enumerate(a.attribution(st, top=sc.settings.attribution_top), 1):
+                    attribution.add_metric([m, st.slot.name, comp, str(rank)], value)
+        yield from (stat, thr, alarm, alarms, attribution)
+
+        if sc.probes is not None:
+            hist = HistogramMetricFamily("latentwatch_concept_score", "Probe scores of received records",
+                                         labels=["model_name", "concept"])
+            for j, concept in enumerate(sc.probes.concepts):
+                counts = sc.score_buckets[j]
+                cum = np.cumsum(counts)
+                buckets = [(str(b), float(c)) for b, c in zip(SCORE_BUCKETS, cum, strict=True)]
+                buckets.append(("+Inf", float(cum[-1])))
+                hist.add_metric([m, concept], buckets, float(sc.score_sum[j]))
+            yield hist
+            rate = GaugeMetricFamily("latentwatch_concept_rate",
+                                     "Share of the current window above the probe threshold",
+                                     labels=["model_name", "concept"])
+            base_rate = GaugeMetricFamily("latentwatch_concept_baseline_rate", "Share above threshold in the baseline",
+                                          labels=["model_name", "concept"])
+            window = sc.window_rates()
+            for concept in sc.probes.concepts:
+                rate.add_metric([m, concept], window.get(concept, float("nan")))
+                base_rate.add_metric([m, concept], base.info.get("concept_base_rates", {}).get(concept, float("nan")))
+            yield rate
+            yield base_rate
+            info = InfoMetricFamily("latentwatch_probe", "Loaded probes (correlational evidence, see probe cards)",
+                                    labels=["model_name", "concept"])
+            for p in sc.probes.probes:
+                info.add_metric([m, p.concept], {"site": p.site, "pooling": p.pooling,
+                                                 "held_out_auroc": str(p.card.get("held_out", {}).get("auroc", ""))})
+            yield info
+
+        binfo = InfoMetricFamily("latentwatch_baseline", "Loaded baseline", labels=["model_name"])
+        cal = base.info.get("calibration", {})
+        binfo.add_metric([m], {"fingerprint": base.fingerprint, "created": str(base.info.get("created", "")),
+                               "window": str(base.config.window), "stride": str(base.config.stride),
+                               "false_alarm_every_records": str(cal.get("target_records_between_false_alarms", ""))})
+        yield binfo
+        lag = GaugeMetricFamily("latentwatch_analyzer_lag_seconds",
+                                "Now minus the timestamp of the newest analyzed record", labels=["model_name"])
+        lag.add_metric([m], time.time() - sc.last_record_ts if sc.last_record_ts else float("nan"))
+        yield lag
+        last = GaugeMetricFamily("latentwatch_last_record_timestamp_seconds",
+                                 "Timestamp of the newest analyzed record", labels=["model_name"])
+        last.add_metric([m], sc.last_record_ts or float("nan"))
+        yield last
