@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import statistics
 import time
 
@@ -38,7 +37,7 @@ from monitor.train import pack_dir
 
 
 def run_stream(base: Baseline, probes: ProbeSet | None, stream: list[Record], batch: int = 100):
-    analyzer = Analyzer(base, probes)
+    analyzer = Analyzer(base, probes, log_alarms=False)  # alarms are counted, not printed
     first: dict[str, int] = {}
     for i in range(0, len(stream), batch):
         for event in analyzer.update(stream[i : i + batch]):
@@ -51,7 +50,6 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    logging.getLogger("monitor.analyzer").setLevel(logging.ERROR)  # alarms are counted, not printed
     # calibration holds when the baseline is >= ~100 windows long (docs/analyzer.md); quick mode is smaller
     n_half, n_shift, max_length = (300, 120, 48) if args.quick else (5000, 500, 48)
     window, stride, ert = (20, 5, 200) if args.quick else (50, 10, 1000)

@@ -65,12 +65,13 @@ class AnalyzerStats:
 class Analyzer:
     """Compare a live stream of records with ``baseline`` (and score concepts with ``probes``)."""
 
-    def __init__(self, baseline: Baseline, probes: ProbeSet | None = None) -> None:
+    def __init__(self, baseline: Baseline, probes: ProbeSet | None = None, *, log_alarms: bool = True) -> None:
         baseline.check_probes(probes)
         if probes is not None and probes.fingerprint != baseline.fingerprint:
             raise ValueError("probes and baseline were made for different models")
         self.baseline = baseline
         self.probes = probes
+        self.log_alarms = log_alarms
         self.window = baseline.config.window
         self.stride = baseline.config.stride
         self.stats = AnalyzerStats()
@@ -172,7 +173,8 @@ class Analyzer:
                 st.last_fired_at = self._seen_valid
                 event = AlarmEvent(st.slot.name, self._seen_valid, value, st.slot.threshold, self.attribution(st))
                 fired.append(event)
-                log.warning("%s", event.describe())
+                if self.log_alarms:
+                    log.warning("%s", event.describe())
             elif st.alarm and not above:
                 log.info("cleared %s: statistic %.4g <= threshold %.4g", st.slot.name, value, st.slot.threshold)
             st.alarm = above
