@@ -48,11 +48,12 @@ def demo(
     out: Path = typer.Option(Path("latentwatch-out"), help="folder for the baseline, records and summary"),
     sample_rate: float = typer.Option(1.0, help="share of live requests the tap samples"),
     quick: bool = typer.Option(False, help="fewer texts and smaller windows (for CI)"),
+    port: int = typer.Option(9464, help="port for /metrics while the demo runs (0: any free port)"),
 ) -> None:
     """The end-to-end run: real model, concept probes, a calibrated baseline, live traffic that shifts."""
     from monitor.demo import run_demo
 
-    summary = run_demo(model=model, out=out, sample_rate=sample_rate, quick=quick, console=console)
+    summary = run_demo(model=model, out=out, sample_rate=sample_rate, quick=quick, console=console, port=port)
     console.print_json(json.dumps(summary))
 
 
@@ -103,6 +104,30 @@ def replay(
         console.print(f"[red]error:[/red] cannot reach the sidecar at {url}: {exc}")
         raise typer.Exit(2) from exc
     console.print_json(json.dumps(result))
+
+
+@app.command()
+def report(
+    records: Path = typer.Argument(..., help="a recorded signature file"),
+    baseline: Path = typer.Option(..., help="baseline file"),
+    probes: Path = typer.Option(None, help="folder of *.probe.json the baseline was built with"),
+    shift_at: int = typer.Option(None, help="record index of a known shift (drawn on the plots)"),
+    out: Path = typer.Option(Path("report.html"), help="HTML file to write"),
+) -> None:
+    """Write the HTML drift report for a recorded stream against a baseline."""
+    from collectors.sinks import read_file
+    from monitor.baseline import Baseline, BaselineError
+    from monitor.probe import ProbeError, ProbeSet
+    from monitor.report import write_report
+
+    try:
+        base = Baseline.load(baseline)
+        probe_set = ProbeSet.load_dir(probes, fingerprint=base.fingerprint) if probes else None
+        write_report(out, list(read_file(records)), base, probe_set, shift_at=shift_at)
+    except (BaselineError, ProbeError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    console.print(f"wrote {out}")
 
 
 @app.command()

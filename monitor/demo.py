@@ -7,8 +7,10 @@
 4. Serve live traffic through the model with the tap attached: ordinary traffic the baseline never
    saw, then, from the shift point on, prompt-injection and jailbreak attempts. The analyzer reads
    the tap's records as they come; a live table shows each drift statistic against its threshold.
+   The sidecar runs in-process and serves ``/metrics`` meanwhile.
 5. Report when each alarm fired relative to the true shift point, the false alarms before it, what
-   moved (attribution) and the concept rates before and after; write everything to ``--out``.
+   moved (attribution) and the concept rates before and after; write everything to ``--out``,
+   including ``report.html`` (plots) and the last ``/metrics`` scrape (``metrics.txt``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from prometheus_client import generate_latest
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
@@ -35,6 +38,9 @@ from monitor.baseline import AnalyzerConfig, Baseline
 from monitor.concepts import builtin_specs
 from monitor.features import cached_records
 from monitor.probe import CAVEAT, ProbeError, ProbeSet
+from monitor.report import write_report
+from monitor.settings import Settings, SourceConfig
+from monitor.sidecar import Sidecar, start_http
 from monitor.train import pack_dir, train_specs
 
 MAX_TOKENS = 48
@@ -71,7 +77,8 @@ def _table(analyzer: Analyzer, served: int, shift_at: int) -> Table:
     return table
 
 
-def run_demo(model: str, out: Path, sample_rate: float, quick: bool, console: Console) -> dict[str, Any]:
+def run_demo(model: str, out: Path, sample_rate: float, quick: bool, console: Console,
+             port: int = 9464) -> dict[str, Any]:
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     console.print(f"loading {model} ...")
@@ -105,7 +112,13 @@ def run_demo(model: str, out: Path, sample_rate: float, quick: bool, console: Co
     live = [(t.text, "ordinary") for t in ordinary] + [(t.text, "attack") for t in attacks]
     shift_at = len(ordinary)
 
-    analyzer = Analyzer(baseline, probes, log_alarms=False)  # alarms show in the live table
+    # the sidecar runs in this process: records go to its analyzer, /metrics is served while traffic flows
+    sidecar = Sidecar(Settings(baseline=out / "baseline.safetensors", probes=pack_dir(baseline.fingerprint),
+                               source=SourceConfig(kind="none"), port=port))
+    sidecar.analyzer.log_alarms = False  # alarms show in the live table
+    analyzer = sidecar.analyzer
+    server = start_http(sidecar)
+    console.print(f"Prometheus metrics: http://127.0.0.1:{server.server_address[1]}/metrics")
     queue_sink = QueueSink()
     (out / "live.lwsr").unlink(missing_ok=True)  # the file sink appends; this run's records only
     file_sink = FileSink(out / "live.lwsr")
@@ -128,21 +141,27 @@ def run_demo(model: str, out: Path, sample_rate: float, quick: bool, console: Co
                 recs = queue_sink.drain()
                 for rec in recs:
                     file_sink.write(rec)
-                for event in analyzer.update(recs):
+                for event in sidecar.ingest(recs):
                     alarms.append({"detector": event.detector, "at_record": event.at_record,
                                    "after_shift": event.at_record - shift_at, "statistic": event.statistic,
                                    "threshold": event.threshold, "attribution": event.attribution})
                 view.update(_table(analyzer, served, shift_at))
+        metrics_text = generate_latest(sidecar.registry).decode()
     finally:
         tap.detach()
         file_sink.close()
+        server.shutdown()
+        server.server_close()
+    (out / "metrics.txt").write_text(metrics_text)
 
     before = [a for a in alarms if a["after_shift"] <= 0]
     after = [a for a in alarms if a["after_shift"] > 0]
     first_after: dict[str, int] = {}
     for a in after:
         first_after.setdefault(a["detector"], a["after_shift"])
-    scores = probes.score([r for r in _read(out / "live.lwsr")])
+    live_records = _read(out / "live.lwsr")
+    scores = probes.score(live_records)
+    write_report(out / "report.html", live_records, baseline, probes, shift_at=shift_at)
     n_before = shift_at
     rates = {c: {"baseline": round(baseline.info["concept_base_rates"][c], 3),
                  "before_shift": round(float((scores[:n_before, j] >= 0.5).mean()), 3),

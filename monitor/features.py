@@ -41,7 +41,7 @@ def run_texts(
     tok = lm.tokenizer
     tok.padding_side = "right"
     by_key: dict[str, Record] = {}
-    with Tap(lm.model, sites, sink=sink, sample_rate=1.0, queue_size=4) as tap, Progress(
+    with Tap(lm.model, sites, sink=sink, sample_rate=1.0, queue_size=4, model_name=lm.name) as tap, Progress(
         disable=not progress, transient=True
     ) as bar:
         task = bar.add_task(description, total=len(texts))

@@ -31,7 +31,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from collectors.record import Record
 from collectors.sinks import FileReadStats, RecordStream
-from monitor.analyzer import Analyzer
+from monitor.analyzer import AlarmEvent, Analyzer
 from monitor.baseline import Baseline
 from monitor.exporter import SCORE_BUCKETS, SidecarCollector
 from monitor.probe import ProbeSet
@@ -103,17 +103,20 @@ class Sidecar:
         self.stop = threading.Event()
 
     # ---------------------------------------------------------------- ingestion
-    def ingest(self, records: list[Record], corrupt: int = 0) -> None:
+    def ingest(self, records: list[Record], corrupt: int = 0) -> list[AlarmEvent]:
+        """Analyze records (in batches); returns the alarms that fired."""
+        fired: list[AlarmEvent] = []
         with self.lock:
             self.corrupt_total += corrupt
             for i in range(0, len(records), self.settings.batch_size):
                 batch = records[i : i + self.settings.batch_size]
                 before = self.analyzer.scored_total
-                self.analyzer.update(batch)
+                fired += self.analyzer.update(batch)
                 if self.probes is not None and self.analyzer.scored_total > before:
                     self._account_scores(self.analyzer.last_scores)
                 for rec in batch:
                     self._account_tap(rec)
+        return fired
 
     def _account_scores(self, scores: np.ndarray) -> None:
         idx = np.searchsorted(SCORE_BUCKETS, scores, side="left")  # bucket le=b holds scores <= b
@@ -222,16 +225,21 @@ def _handler(sidecar: Sidecar) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
+def start_http(sidecar: Sidecar) -> ThreadingHTTPServer:
+    """Serve the sidecar's endpoints from a background thread; ``server.shutdown()`` stops it."""
+    server = ThreadingHTTPServer((sidecar.settings.host, sidecar.settings.port), _handler(sidecar))
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="latentwatch-http", daemon=True).start()
+    return server
+
+
 def serve(settings: Settings) -> int:
     """Run the sidecar until SIGTERM/SIGINT; returns the exit code."""
     sidecar = Sidecar(settings)
-    server = ThreadingHTTPServer((settings.host, settings.port), _handler(sidecar))
-    server.daemon_threads = True
+    server = start_http(sidecar)
     host, port = server.server_address[:2]
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: sidecar.stop.set())
-    http = threading.Thread(target=server.serve_forever, name="latentwatch-http", daemon=True)
-    http.start()
     source = threading.Thread(target=sidecar.run_source, name="latentwatch-source", daemon=True)
     source.start()
     log.info("serving model %s on http://%s:%s (baseline %s, %d detectors, probes: %s, pid %d)",

@@ -31,7 +31,7 @@ def test_sites_for_a_decoder_marks_defaults(smollm2):
 
 
 def test_demo_quick_runs_end_to_end_and_alarms_after_the_shift(tmp_path, smollm2):
-    result = runner.invoke(app, ["demo", "--quick", "--out", str(tmp_path)], terminal_width=200)
+    result = runner.invoke(app, ["demo", "--quick", "--out", str(tmp_path), "--port", "0"], terminal_width=200)
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["live_records"] == 240 and summary["shift_at_record"] == 120
@@ -53,6 +53,55 @@ def test_demo_quick_runs_end_to_end_and_alarms_after_the_shift(tmp_path, smollm2
     inspected = runner.invoke(app, ["inspect", str(tmp_path / "live.lwsr"), "--limit", "1"])
     assert inspected.exit_code == 0
     assert "240 records, 0 corrupt" in inspected.output
+
+    # the /metrics the demo served, as scraped at the end of the live traffic
+    from prometheus_client.parser import text_string_to_metric_families
+
+    fams = {f.name: f for f in text_string_to_metric_families((tmp_path / "metrics.txt").read_text())}
+    assert fams["latentwatch_records_received"].samples[0].value == 240
+    alarms = sum(s.value for s in fams["latentwatch_drift_alarms"].samples if s.name.endswith("_total"))
+    assert alarms == sum(1 for _ in json.loads((tmp_path / "alarms.json").read_text()))
+    check_report_renders(tmp_path / "report.html", tmp_path)
+
+    from monitor.train import pack_dir
+
+    args = ["report", str(tmp_path / "live.lwsr"), "--baseline", str(tmp_path / "baseline.safetensors"),
+            "--probes", str(pack_dir(summary["fingerprint"])), "--shift-at", "120",
+            "--out", str(tmp_path / "again.html")]
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0, again.output
+    assert (tmp_path / "again.html").read_text().count('class="plot"') == 2
+
+
+def check_report_renders(report, tmp_path):
+    """Render the HTML report in headless Chromium: its plots are there and are not blank."""
+    import os
+    import shutil
+    import subprocess
+
+    import numpy as np
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        if os.environ.get("CI"):
+            raise AssertionError("chromium is not installed (.ci/run installs it)")
+        import pytest
+
+        pytest.skip("chromium not installed: apt-get install chromium")
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'chromium'}"]
+    dom = subprocess.run([chromium, *flags, "--dump-dom", report.as_uri()], capture_output=True, text=True,
+                         timeout=120).stdout
+    assert dom.count('class="plot"') == 2  # statistics over time, score distributions
+    assert dom.count("data:image/png;base64,") == 2
+    shot = tmp_path / "report.png"
+    subprocess.run([chromium, *flags, "--window-size=1280,1600", f"--screenshot={shot}", report.as_uri()],
+                   capture_output=True, timeout=120)
+    import matplotlib.image
+
+    pixels = matplotlib.image.imread(shot)
+    assert pixels.shape[0] == 1600 and float(np.std(pixels[..., :3])) > 0.05  # rendered plots, not a blank page
 
 
 def test_inspect_fails_on_a_corrupt_file(tmp_path):
