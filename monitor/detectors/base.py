@@ -27,6 +27,25 @@ def as_windows(x: np.ndarray) -> np.ndarray:
     return x
 
 
+class Componentwise:
+    """A univariate test applied to every component of a window; the statistic is the largest.
+
+    Subclasses implement ``_per_component(windows [n, W, c]) -> [n, c]``.
+    """
+
+    def _per_component(self, windows: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def transform(self, x: np.ndarray, cache: dict | None = None) -> np.ndarray:
+        return np.asarray(x, dtype=np.float64)
+
+    def statistic(self, windows: np.ndarray) -> np.ndarray:
+        return self._per_component(as_windows(windows)).max(axis=1)
+
+    def components(self, window: np.ndarray) -> np.ndarray:
+        return self._per_component(as_windows(window))[0]
+
+
 class StreamDetector:
     """Evaluate ``detector`` on the last ``window`` observations every ``stride`` observations.
 

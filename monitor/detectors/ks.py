@@ -25,10 +25,10 @@ from typing import Any
 
 import numpy as np
 
-from monitor.detectors.base import as_windows
+from monitor.detectors.base import Componentwise
 
 
-class KolmogorovSmirnov:
+class KolmogorovSmirnov(Componentwise):
     name = "ks"
 
     def __init__(self, max_reference: int = 5000) -> None:
@@ -53,15 +53,6 @@ class KolmogorovSmirnov:
             # the sup of |F_w - F_r| is reached at a window point or just before one
             out[:, j] = np.maximum(i - f_right, f_left - (i - 1 / size)).max(axis=1)
         return out
-
-    def transform(self, x: np.ndarray, cache: dict | None = None) -> np.ndarray:
-        return np.asarray(x, dtype=np.float64)
-
-    def statistic(self, windows: np.ndarray) -> np.ndarray:
-        return self._per_component(as_windows(windows)).max(axis=1)
-
-    def components(self, window: np.ndarray) -> np.ndarray:
-        return self._per_component(as_windows(window))[0]
 
     def state(self) -> dict[str, Any]:
         return {"reference": self.reference_}

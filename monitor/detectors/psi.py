@@ -21,10 +21,10 @@ from typing import Any
 
 import numpy as np
 
-from monitor.detectors.base import as_windows
+from monitor.detectors.base import Componentwise
 
 
-class PSI:
+class PSI(Componentwise):
     name = "psi"
 
     def __init__(self, bins: int = 10, floor: float = 1e-3) -> None:
@@ -53,15 +53,6 @@ class PSI:
             q = self.expected_[j]
             out[:, j] = ((p - q) * np.log(p / q)).sum(axis=1)
         return out
-
-    def transform(self, x: np.ndarray, cache: dict | None = None) -> np.ndarray:
-        return np.asarray(x, dtype=np.float64)
-
-    def statistic(self, windows: np.ndarray) -> np.ndarray:
-        return self._per_component(as_windows(windows)).max(axis=1)
-
-    def components(self, window: np.ndarray) -> np.ndarray:
-        return self._per_component(as_windows(window))[0]
 
     def state(self) -> dict[str, Any]:
         return {"edges": self.edges_, "expected": self.expected_, "bins": np.array([self.bins])}

@@ -20,10 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from monitor.detectors.base import as_windows
+from monitor.detectors.base import Componentwise
 
 
-class Wasserstein:
+class Wasserstein(Componentwise):
     name = "wasserstein"
 
     def __init__(self, grid: int = 64) -> None:
@@ -41,15 +41,6 @@ class Wasserstein:
         q = np.quantile(w, self.levels_, axis=1)  # [grid, n, c]
         diff = np.abs(q.transpose(1, 2, 0) - self.quantiles_[None])  # [n, c, grid]
         return diff.mean(axis=2) / self.scale_
-
-    def transform(self, x: np.ndarray, cache: dict | None = None) -> np.ndarray:
-        return np.asarray(x, dtype=np.float64)
-
-    def statistic(self, windows: np.ndarray) -> np.ndarray:
-        return self._per_component(as_windows(windows)).max(axis=1)
-
-    def components(self, window: np.ndarray) -> np.ndarray:
-        return self._per_component(as_windows(window))[0]
 
     def state(self) -> dict[str, Any]:
         return {"levels": self.levels_, "quantiles": self.quantiles_, "scale": self.scale_}
