@@ -105,6 +105,8 @@ def build_report(records: Sequence[Record], baseline: Baseline, probes: ProbeSet
             after = float((scores[split:, j] >= probes.thresholds[j]).mean()) if len(scores) > split else float("nan")
             rate_rows += (f"<tr><td>{html.escape(c)}</td><td>{base_rates.get(c, float('nan')):.3f}</td>"
                           f"<td>{before:.3f}</td><td>{after:.3f}</td></tr>")
+    ranking_rows = "".join(f"<tr><td>{html.escape(d)}</td><td>{html.escape(c)}</td><td>{v:+.3g}</td></tr>"
+                           for d, c, v in analyzer.ranking(top=12))
     cal = baseline.info.get("calibration", {})
     figures = "".join(f'<h2>{html.escape(t)}</h2><img class="plot" alt="{html.escape(t)}" src="{src}">'
                       for t, src in sections)
@@ -121,6 +123,9 @@ window {baseline.config.window}, stride {baseline.config.stride}; false-alarm bu
 {figures}
 <h2>Alarms ({len(events)})</h2><table><tr><th>detector</th><th>record</th><th>after shift</th><th>statistic</th>
 <th>threshold</th><th>moved most</th></tr>{alarm_rows}</table>
+<h2>What moved most at the end of the stream</h2><p>Detectors in alarm, ranked by statistic / threshold;
+per detector its largest components (concept, attention head and statistic, principal direction).</p>
+<table><tr><th>detector</th><th>component</th><th>contribution</th></tr>{ranking_rows}</table>
 <h2>Concept rates (share above threshold)</h2><table><tr><th>concept</th><th>baseline</th><th>before</th>
 <th>after</th></tr>{rate_rows}</table>
 <p><i>{html.escape(CAVEAT)}</i></p></body></html>"""
