@@ -129,3 +129,30 @@ def test_bad_spec_gives_a_clear_error(tmp_path):
         load_spec(path)
     msg = str(err.value)
     assert "bad.yaml" in msg and "concept" in msg and "unknown source 'nowhere'" in msg
+
+
+def test_probes_eval_command(language_probe, tmp_path):
+    from typer.testing import CliRunner
+
+    from monitor import corpora
+    from monitor.cli import app
+
+    probe_path = language_probe.save(tmp_path / "non_english.probe.json")
+    rows = [{"text": t.text, "lang": "fr"} for t in corpora.sample(corpora.dialog("french"), 20, seed=21)]
+    rows += [{"text": t.text, "lang": "en"} for t in corpora.sample(corpora.dialog("english"), 20, seed=22)]
+    good = tmp_path / "good.jsonl"
+    good.write_text("\n".join(json.dumps(r) for r in rows))
+    runner = CliRunner()
+    result = runner.invoke(app, ["probes", "eval", str(probe_path), "--file", str(good), "--label-field", "lang",
+                                 "--positive", "fr"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert '"auroc": 1.0' in result.output or '"auroc": 0.9' in result.output
+    # labels that have nothing to do with language: the command warns and exits 1
+    for i, r in enumerate(rows):
+        r["lang"] = "fr" if i % 2 else "en"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(json.dumps(r) for r in rows))
+    result = runner.invoke(app, ["probes", "eval", str(probe_path), "--file", str(bad), "--label-field", "lang",
+                                 "--positive", "fr"], terminal_width=200)
+    assert result.exit_code == 1
+    assert "does not transfer" in result.output
