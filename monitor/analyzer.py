@@ -79,12 +79,9 @@ class Analyzer:
         self._filled = 0
         self._pos = 0
         self._seen_valid = 0
-        self.score_sums = np.zeros(len(probes.concepts)) if probes else np.zeros(0)
         self.concept_hits = np.zeros(len(probes.concepts)) if probes else np.zeros(0)
         self.scored_total = 0
         self.last_scores: np.ndarray | None = None
-        self.events: list[AlarmEvent] = []
-        self._max_events = 1000
 
     # ------------------------------------------------------------------ ingestion
     def update(self, records: Sequence[Record]) -> list[AlarmEvent]:
@@ -119,7 +116,6 @@ class Analyzer:
         n = int(finite.sum())
         if "scores" in sig:
             self.last_scores = sig["scores"]
-            self.score_sums += sig["scores"].sum(axis=0)
             self.concept_hits += (sig["scores"] >= self.probes.thresholds).sum(axis=0)
             self.scored_total += n
         cache: dict = {}  # detectors of one site share its PCA projection
@@ -178,7 +174,6 @@ class Analyzer:
             elif st.alarm and not above:
                 log.info("cleared %s: statistic %.4g <= threshold %.4g", st.slot.name, value, st.slot.threshold)
             st.alarm = above
-        self.events = (self.events + fired)[-self._max_events :]
         return fired
 
     # ------------------------------------------------------------------ reading

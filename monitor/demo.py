@@ -30,7 +30,7 @@ from rich.table import Table
 from collectors import QueueSink, Tap
 from collectors import models as model_zoo
 from collectors.fingerprint import fingerprint
-from collectors.sinks import FileSink
+from collectors.sinks import FileSink, read_file
 from collectors.sites import default_sites
 from monitor import corpora
 from monitor.analyzer import Analyzer
@@ -159,7 +159,7 @@ def run_demo(model: str, out: Path, sample_rate: float, quick: bool, console: Co
     first_after: dict[str, int] = {}
     for a in after:
         first_after.setdefault(a["detector"], a["after_shift"])
-    live_records = _read(out / "live.lwsr")
+    live_records = list(read_file(out / "live.lwsr"))
     scores = probes.score(live_records)
     write_report(out / "report.html", live_records, baseline, probes, shift_at=shift_at)
     n_before = shift_at
@@ -187,12 +187,6 @@ def run_demo(model: str, out: Path, sample_rate: float, quick: bool, console: Co
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     (out / "alarms.json").write_text(json.dumps(alarms, indent=1))
     return summary
-
-
-def _read(path: Path):
-    from collectors.sinks import read_file
-
-    return list(read_file(path))
 
 
 def _report(console: Console, first_after: dict[str, int], before: list, rates: dict, analyzer: Analyzer,
