@@ -82,15 +82,15 @@ def main() -> None:
 
     config = AnalyzerConfig(window=window, stride=stride, false_alarm_every=ert)
     rng = np.random.default_rng(0)
+    halves = {src: min(n_half, len(recs[src]) // 2) for src in ("tweets", "english")}  # 1,874 dialog lines
     result: dict = {"probes": probe_kind, "window": window, "stride": stride,
                     "target_records_between_false_alarms": ert}
     bases = {}
-    for src in ("tweets", "english"):
-        half_a = recs[src][:n_half]
-        bases[src] = Baseline.build(half_a, probes, config)
+    for src, half in halves.items():
+        bases[src] = Baseline.build(recs[src][:half], probes, config)
 
     # (a) no shift: resampled streams from the half the baseline never saw
-    half_b = recs["tweets"][n_half:]
+    half_b = recs["tweets"][halves["tweets"] :]
     alarms = 0
     fed = 0
     while fed < noshift_records:
@@ -110,7 +110,7 @@ def main() -> None:
     scenarios = {name: (src, recs[name]) for name, (src, _) in shifts.items()}
     scenarios["tweets->30%_drug_reviews_gradual"] = ("tweets", recs["tweets->drug_reviews"])
     for name, (src, new) in scenarios.items():
-        pool = recs[src][n_half:]
+        pool = recs[src][halves[src] :]
         per_detector: dict[str, list[int]] = {}
         length = max(200, 4 * window)
         for _ in range(repeats):
