@@ -3,11 +3,11 @@
 (a) No shift: a baseline from one half of a source (tweets), then many streams resampled from the
     *other* half. The measured records between false alarms (all detectors together) is compared
     with the budget the baseline was calibrated for.
-(b) Real shifts: streams that switch from the baseline source to another at record 0 -- tweets ->
+(b) Real shifts: streams that switch from the baseline source to another after a warm-up -- tweets ->
     drug reviews, tweets -> in-the-wild jailbreak prompts, English dialog -> French dialog (a baseline
     of English dialog) -- and a gradual mix of 0 % -> 30 % drug reviews. For each detector: the
-    median delay (records after the switch) to its first alarm over repeated streams, or "-" if it
-    never fired within the stream.
+    median delay (records after the switch until it is in alarm) over repeated streams, or "-" if it
+    was in alarm after the switch in fewer than half of them.
 
 Records are computed once per text and cached under the latentwatch cache folder (the first run
 spends a few minutes in the model). Probes: the cached built-in pack when its fingerprint matches.
@@ -36,12 +36,18 @@ from monitor.probe import ProbeError, ProbeSet
 from monitor.train import pack_dir
 
 
-def run_stream(base: Baseline, probes: ProbeSet | None, stream: list[Record], batch: int = 100):
+def run_stream(base: Baseline, probes: ProbeSet | None, stream: list[Record], after: int | None = None):
+    """Run a stream; with ``after``, also the first record index > ``after`` at which each detector is in alarm."""
     analyzer = Analyzer(base, probes, log_alarms=False)  # alarms are counted, not printed
     first: dict[str, int] = {}
-    for i in range(0, len(stream), batch):
-        for event in analyzer.update(stream[i : i + batch]):
-            first.setdefault(event.detector, event.at_record)
+    step = base.config.stride if after is not None else 500
+    for i in range(0, len(stream), step):
+        analyzer.update(stream[i : i + step])
+        seen = min(len(stream), i + step)
+        if after is not None and seen > after:
+            for st in analyzer.states:
+                if st.alarm:
+                    first.setdefault(st.slot.name, seen)
     return analyzer, first
 
 
@@ -121,10 +127,9 @@ def main() -> None:
                          for p in mix]
             else:
                 after = [new[i] for i in rng.integers(0, len(new), size=length)]
-            _, first = run_stream(bases[src], probes, before + after)
+            _, first = run_stream(bases[src], probes, before + after, after=warm)
             for det, at in first.items():
-                if at > warm:
-                    per_detector.setdefault(det, []).append(at - warm)
+                per_detector.setdefault(det, []).append(at - warm)
         delays[name] = {det: int(statistics.median(v)) for det, v in sorted(per_detector.items())
                         if len(v) >= repeats // 2}
     result["median_delay_records"] = delays
