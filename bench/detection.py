@@ -138,7 +138,7 @@ def main() -> None:
 
     print(f"(a) no shift: {alarms} false alarms in {fed:,} records -> one per {measured:,.0f} "
           f"(target {ert:,}; ratio {measured / ert:.2f})")
-    print("(b) median detection delay in records after the shift (detectors in alarm after the shift in >= half the runs):")
+    print("(b) median records after the shift until in alarm (detectors in alarm in >= half the runs):")
     dets = sorted({d for v in delays.values() for d in v})
     print(f"{'detector':<28}" + "".join(f"{n[:22]:>24}" for n in delays))
     for d in dets:

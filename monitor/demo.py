@@ -117,7 +117,11 @@ def run_demo(model: str, out: Path, sample_rate: float, quick: bool, console: Co
                                source=SourceConfig(kind="none"), port=port))
     sidecar.analyzer.log_alarms = False  # alarms show in the live table
     analyzer = sidecar.analyzer
-    server = start_http(sidecar)
+    try:
+        server = start_http(sidecar)
+    except OSError:  # the port is taken (another demo, a real sidecar): any free port will do
+        sidecar.settings.port = 0
+        server = start_http(sidecar)
     console.print(f"Prometheus metrics: http://127.0.0.1:{server.server_address[1]}/metrics")
     queue_sink = QueueSink()
     (out / "live.lwsr").unlink(missing_ok=True)  # the file sink appends; this run's records only
