@@ -14,9 +14,9 @@ several percent; the CPU time of the calling thread (``time.thread_time``; with 
 whole forward runs in it) is far steadier and is reported beside it as ``cpu_overhead_ratio_*``,
 with the inter-quartile range of the per-round ratios as ``*_iqr``. Because even that swings by
 several percent here, the figure the goals are checked against is ``hook_overhead_ratio_*``:
-1 + (time spent inside the tap's hooks per forward, timed around each hook call) / (detached forward
-time). It is what the tap adds to the forward path, measured precisely instead of read off the
-difference of two noisy totals.
+1 + (time spent inside the tap's hooks per forward, ``TapStats.hook_seconds``, timed around each
+hook call) / (detached forward time). It is what the tap adds to the forward path, measured
+precisely instead of read off the difference of two noisy totals.
 
 Usage: python bench/tap_overhead.py [--quick] [--batch 8] [--tokens 64] [--rounds N]
 Last line of output: one JSON object.
@@ -43,28 +43,6 @@ CONFIGS = {
     "attn_10": (0.10, True),
     "attn_100": (1.0, True),
 }
-
-
-class HookTimer:
-    """Accumulates the wall time spent inside a tap's hooks (wraps them before attach)."""
-
-    def __init__(self, tap: Tap) -> None:
-        self.seconds = 0.0
-        tap._pre_hook = self.wrap(tap._pre_hook)
-        tap._post_hook = self.wrap(tap._post_hook)
-        make_act, make_attn = tap._make_act_hook, tap._make_attn_observer
-        tap._make_act_hook = lambda site: self.wrap(make_act(site))
-        tap._make_attn_observer = lambda site: self.wrap(make_attn(site))
-
-    def wrap(self, fn):
-        def timed(*args, **kwargs):
-            t0 = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.seconds += time.perf_counter() - t0
-
-        return timed
 
 
 def main() -> None:
@@ -119,7 +97,6 @@ def main() -> None:
                 rate, attn = CONFIGS[name]
                 tap = Tap(model, act_sites + (attn_sites if attn else []), sink=QueueSink(100_000),
                           sample_rate=rate, queue_size=64)
-                timer = HookTimer(tap)
                 tap.attach()
             samples = []
             for _ in range(args.reps):
@@ -129,7 +106,7 @@ def main() -> None:
             times[name] = statistics.median(w for w, _ in samples)
             cpu[name] = statistics.median(c for _, c in samples)
             if tap is not None:
-                hook_seconds[name].append(timer.seconds / args.reps)
+                hook_seconds[name].append(tap.stats.hook_seconds / args.reps)
                 tap.flush(120)
                 if tap.stats.records_emitted:
                     busy[name].append(1000 * tap.stats.worker_busy_seconds / tap.stats.records_emitted)

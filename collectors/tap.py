@@ -75,6 +75,7 @@ class TapStats:
     sink_errors: int = 0
     metadata_rejected: int = 0
     worker_busy_seconds: float = 0.0
+    hook_seconds: float = 0.0  # time spent inside the tap's hooks, on the serving thread
 
 
 @dataclass
@@ -107,7 +108,7 @@ class Tap:
         sample_rate: share of requests to sample, decided by a keyed hash of the request key.
         model_name: the ``model_name`` label records carry (default: from the model's config).
         metadata: bounded static metadata put on every record (``replica`` defaults to the host name).
-            Records also carry the tap's cumulative ``tap_sampled`` and ``tap_dropped`` counters.
+            Records also carry the tap's cumulative ``tap_sampled``, ``tap_dropped`` and ``sink_dropped`` counters.
         queue_size: captures waiting for the worker; beyond it sampled requests are dropped and counted.
         keep_text: copy request texts given to :meth:`request` into records. Off by default: raw text
             never leaves the serving process unless the operator turns this on.
@@ -167,15 +168,16 @@ class Tap:
             if not impl.startswith(attention.PREFIX):
                 self._saved_attn_impl = impl
                 config._attn_implementation = attention.wrapped_name(impl)
-        self._handles.append(self.model.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
+        timed = self._timed
+        self._handles.append(self.model.register_forward_pre_hook(timed(self._pre_hook), with_kwargs=True))
         for site in self.sites:
             module = self.model.get_submodule(site.module_path)
             if site.kind == "attn":
-                attention._OBSERVERS[module] = self._make_attn_observer(site.name)
+                attention._OBSERVERS[module] = timed(self._make_attn_observer(site.name))
                 self._attn_modules.append(module)
             else:
-                self._handles.append(module.register_forward_hook(self._make_act_hook(site.name)))
-        self._handles.append(self.model.register_forward_hook(self._post_hook, with_kwargs=True))
+                self._handles.append(module.register_forward_hook(timed(self._make_act_hook(site.name))))
+        self._handles.append(self.model.register_forward_hook(timed(self._post_hook), with_kwargs=True))
         self._worker = threading.Thread(target=self._run, name="latentwatch-tap", daemon=True)
         self._worker.start()
         return self
@@ -248,15 +250,29 @@ class Tap:
     def _clean_meta(self, meta: Mapping[str, str]) -> dict[str, str]:
         out = {}
         for k, v in meta.items():
-            # two of the 16 metadata slots carry the tap's own counters (tap_sampled, tap_dropped)
-            if (isinstance(k, str) and _META_KEY.match(k) and not k.startswith("tap_") and isinstance(v, str)
-                    and len(v) <= 128 and len(out) < 14):
+            # three of the 16 metadata slots carry the tap's own counters (tap_sampled, tap_dropped,
+            # sink_dropped)
+            if (isinstance(k, str) and _META_KEY.match(k) and not k.startswith(("tap_", "sink_"))
+                    and isinstance(v, str) and len(v) <= 128 and len(out) < 13):
                 out[k] = v
             else:
                 self.stats.metadata_rejected += 1
         return out
 
     # ------------------------------------------------------------------ hooks (forward path)
+    def _timed(self, hook):
+        """Wrap a hook so its time on the serving thread adds up in ``stats.hook_seconds``."""
+        stats, clock = self.stats, time.perf_counter
+
+        def timed(*args, **kwargs):
+            started = clock()
+            try:
+                return hook(*args, **kwargs)
+            finally:
+                stats.hook_seconds += clock() - started
+
+        return timed
+
     def _count_error(self, counter: str, what: str) -> None:
         setattr(self.stats, counter, getattr(self.stats, counter) + 1)
         now = time.monotonic()
@@ -393,8 +409,10 @@ class Tap:
                     per_site[site] = {"heads": attention_heads(cap.attn[site], cap.mask)}
             arrays = {s: {n: t.float().cpu().numpy() for n, t in d.items()} for s, d in per_site.items()}
             n_tokens = cap.mask.sum(1).tolist()
+        # the tap's own counters travel with the records, so the monitor can export drops per replica
         meta = {**cap.meta, "tap_sampled": str(self.stats.requests_sampled),
-                "tap_dropped": str(self.stats.dropped_queue_full)}  # so the monitor can export the tap's drops
+                "tap_dropped": str(self.stats.dropped_queue_full),
+                "sink_dropped": str(getattr(self.sink, "dropped", 0))}
         return [
             Record(
                 model=self.model_name,

@@ -77,6 +77,7 @@ def serve(
     if settings.log_format == "json":
         handler.setFormatter(JsonFormatter())
     logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+    logging.getLogger("kafka").setLevel(logging.WARNING)  # kafka-python logs every connection at INFO
     try:
         code = run(settings)
     except (BaselineError, ProbeError, ValueError, OSError) as exc:

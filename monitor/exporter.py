@@ -2,7 +2,8 @@
 
 Names follow Prometheus conventions: prefix ``latentwatch_``, base units, ``_total`` counters.
 Labels are bounded: ``model_name`` (one per baseline), ``detector`` (fixed by the baseline),
-``concept`` (fixed by the probe set), ``reason`` (4 values), ``replica`` (capped by
+``concept`` (fixed by the probe set), ``reason`` (4 values), ``stage`` (2), ``topic`` and
+``partition`` (the partitions of one topic), ``replica`` (capped by
 ``max_replicas``; further replicas are counted under ``replica="other"``), and ``component`` /
 ``rank`` only for the top ``attribution_top`` components of detectors in alarm. No request ids.
 """
@@ -44,13 +45,18 @@ class SidecarCollector(Collector):
             value = sc.corrupt_total if reason == "corrupt" else a.stats.invalid_total.get(reason, 0)
             invalid.add_metric([m, reason], value)
         yield invalid
-        tap = {name: CounterMetricFamily(f"latentwatch_tap_{name}", help_, labels=["model_name", "replica"])
-               for name, help_ in (("requests_sampled", "Requests the tap sampled, as reported by its records"),
-                                   ("dropped", "Sampled requests the tap dropped (queue full), as last reported"))}
+        sampled = CounterMetricFamily("latentwatch_tap_requests_sampled", "Requests the tap sampled, as reported "
+                                      "by its records", labels=["model_name", "replica"])
+        dropped = CounterMetricFamily("latentwatch_tap_dropped", "Sampled requests the tap dropped, as last reported; "
+                                      "stage=queue: its worker was behind, stage=transport: the sink (broker) was",
+                                      labels=["model_name", "replica", "stage"])
         for replica, counters in sorted(sc.replicas.items()):
-            tap["requests_sampled"].add_metric([m, replica], counters.get("sampled", 0))
-            tap["dropped"].add_metric([m, replica], counters.get("dropped", 0))
-        yield from tap.values()
+            sampled.add_metric([m, replica], counters.get("sampled", 0))
+            dropped.add_metric([m, replica, "queue"], counters.get("dropped", 0))
+            dropped.add_metric([m, replica, "transport"], counters.get("sink_dropped", 0))
+        yield from (sampled, dropped)
+        if sc.kafka is not None:
+            yield from sc.kafka.collect(m)
 
         stat = GaugeMetricFamily("latentwatch_drift_statistic", "Current drift statistic of each detector",
                                  labels=["model_name", "detector", "test", "signal"])

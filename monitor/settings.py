@@ -10,6 +10,17 @@ Example (``deploy/sidecar.yaml``)::
     host: 0.0.0.0
     port: 9464
 
+or, to join a Kafka consumer group (docs/kafka.md)::
+
+    source:
+      kind: kafka
+      kafka:
+        bootstrap_servers: kafka-0:9092,kafka-1:9092
+        topic: latentwatch.smollm2
+        group_id: latentwatch-smollm2
+        dead_letter_topic: latentwatch.smollm2.dead    # optional
+        security_protocol: SASL_SSL                    # optional, with sasl_* / ssl_* fields
+
 Every field can be overridden by ``LATENTWATCH_<FIELD>``, nested fields with ``__``
 (``LATENTWATCH_SOURCE__PATH=/data/x.lwsr``, ``LATENTWATCH_PORT=9000``). Environment wins over the file.
 """
@@ -23,12 +34,16 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from monitor.kafka_source import KafkaSourceConfig
+
 
 class SourceConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    kind: Literal["file", "none"] = Field("file", description="'file' tails a signature file; 'none' takes "
-                                                              "records only from POST /ingest")
+    kind: Literal["file", "kafka", "none"] = Field(
+        "file", description="'file' tails a signature file; 'kafka' joins a consumer group (source.kafka); "
+                            "'none' takes records only from POST /ingest")
     path: Path | None = None
+    kafka: KafkaSourceConfig | None = None
     poll_seconds: float = Field(0.5, gt=0, le=60)
     from_start: bool = Field(True, description="read what the file already holds before tailing it")
 
@@ -75,4 +90,7 @@ def load_settings(path: str | Path | None) -> Settings:
         raise ConfigError(f"{path or 'environment'}: invalid configuration:\n{exc}") from exc
     if settings.source.kind == "file" and settings.source.path is None:
         raise ConfigError(f"{path or 'environment'}: source.kind 'file' needs source.path")
+    if settings.source.kind == "kafka" and settings.source.kafka is None:
+        raise ConfigError(f"{path or 'environment'}: source.kind 'kafka' needs source.kafka "
+                          "(at least bootstrap_servers and topic)")
     return settings

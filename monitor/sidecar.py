@@ -1,7 +1,8 @@
 """``latentwatch serve``: the sidecar process.
 
 It reads records from a source (tailing a file the tap's :class:`~collectors.sinks.FileSink` appends
-to, and/or ``POST /ingest`` with encoded records in the body), validates them, scores the probes,
+to, a Kafka topic as a consumer-group member (:mod:`monitor.kafka_source`), and/or ``POST /ingest``
+with encoded records in the body), validates them, scores the probes,
 updates the analyzer and serves:
 
 * ``GET /metrics`` -- Prometheus exposition, values read from the analyzer at scrape time;
@@ -34,6 +35,7 @@ from collectors.sinks import FileReadStats, RecordStream
 from monitor.analyzer import AlarmEvent, Analyzer
 from monitor.baseline import Baseline
 from monitor.exporter import SCORE_BUCKETS, SidecarCollector
+from monitor.kafka_source import KafkaSource
 from monitor.probe import ProbeSet
 from monitor.settings import Settings
 
@@ -98,6 +100,8 @@ class Sidecar:
         self._recent_n = 0
         self.tail = FileTail(settings.source.path, settings.source.from_start) if (
             settings.source.kind == "file" and settings.source.path) else None
+        self.kafka = (KafkaSource(settings.source.kafka, self.baseline.fingerprint)
+                      if settings.source.kind == "kafka" and settings.source.kafka else None)
         self.registry = CollectorRegistry()
         self.registry.register(SidecarCollector(self))
         self.stop = threading.Event()
@@ -145,11 +149,14 @@ class Sidecar:
         if replica not in self.replicas and len(self.replicas) >= self.settings.max_replicas:
             replica = "other"
         counters = self.replicas.setdefault(replica, {})
-        for key, meta_key in (("sampled", "tap_sampled"), ("dropped", "tap_dropped")):
+        for key, meta_key in (("sampled", "tap_sampled"), ("dropped", "tap_dropped"),
+                              ("sink_dropped", "sink_dropped")):
             with contextlib.suppress(ValueError):  # a malformed counter is ignored, not fatal
                 counters[key] = max(counters.get(key, 0), int(rec.meta.get(meta_key, "0")))
 
     def poll_once(self) -> int:
+        if self.kafka is not None:
+            return self.kafka.poll(self.ingest)  # waits up to poll_timeout_seconds for messages
         if self.tail is None:
             return 0
         corrupt_before = self.tail.stats.corrupt
@@ -162,14 +169,23 @@ class Sidecar:
     def run_source(self) -> None:
         while not self.stop.is_set():
             try:
-                if self.poll_once() == 0:
+                if self.poll_once() == 0 and self.kafka is None:
                     self.stop.wait(self.settings.source.poll_seconds)
             except Exception:
                 log.exception("source poll failed; retrying")
                 self.stop.wait(self.settings.source.poll_seconds)
 
     def ready(self) -> bool:
+        if self.kafka is not None:
+            return self.kafka.ready()
         return self.tail is None or self.tail.readable()
+
+    def close_source(self) -> None:
+        """Last read of a file source; commit and leave the group for Kafka."""
+        if self.kafka is not None:
+            self.kafka.close()
+        else:
+            self.poll_once()  # records written before the signal are still accounted
 
     def summary(self) -> dict[str, Any]:
         a = self.analyzer
@@ -251,9 +267,9 @@ def serve(settings: Settings) -> int:
     log.info("shutting down: draining the source")
     source.join(timeout=10)
     try:
-        sidecar.poll_once()  # records written before the signal are still accounted
+        sidecar.close_source()
     except Exception:
-        log.exception("final source poll failed")
+        log.exception("closing the source failed")
     server.shutdown()
     server.server_close()
     log.info("stopped after %.0f s: %s", time.monotonic() - started, json.dumps(sidecar.summary()))

@@ -130,7 +130,7 @@ def test_metrics_reflect_what_was_fed(artifacts, tmp_path):
         base_rates = {s.labels["concept"]: s.value for s in m["latentwatch_concept_baseline_rate"].samples}
         assert rates["injection"] > base_rates["injection"] + 0.3
         dropped = {s.labels["replica"]: s.value for s in m["latentwatch_tap_dropped"].samples
-                   if s.name.endswith("_total")}
+                   if s.name.endswith("_total") and s.labels["stage"] == "queue"}
         assert dropped == {"pod-0": 5, "pod-1": 5, "unknown": 0}  # the hand-made bad records name no replica
         info = m["latentwatch_baseline_info"].samples[0].labels
         assert info["fingerprint"] == FP and info["window"] == str(CONFIG.window)
