@@ -11,10 +11,17 @@ The model's forward pass is not in the loop: SmolLM2 on this CPU yields a few do
 below what the transport carries, so a tap in front would measure the model, not the transport.
 Figures:
 
-* ``produce_records_per_s``: records the sink hands to the broker per second (acked);
-* ``records_per_s_N_replicas``: records analyzed by N sidecars together per second, from the first
-  write until every record is accounted (``latentwatch_records_received_total`` summed);
-* ``records_per_s_per_replica_N_replicas``: the same divided by N (goal: >= 5,000 on this machine).
+* ``produce_records_per_s_N_replicas``: records one sink (one tap's worker thread) gets acked per
+  second, sidecars paused;
+* ``drain_records_per_s_per_replica_N_replicas``: a backlog of ``--records`` written while the N
+  sidecars were paused (SIGSTOP; the group's session timeout outlasts it), then resumed: records
+  analyzed per second per replica until all are accounted (``latentwatch_records_received_total``
+  summed) -- the monitor's capacity (goal: >= 5,000 per replica on this machine);
+* ``end_to_end_records_per_s_N_replicas``: then the same number written while the sidecars run:
+  records per second from the first write until all are analyzed, producer and sidecars sharing
+  the CPU.
+* ``drain_sidecar_cpu_share_N`` / ``drain_broker_cpu_share_N``: cores used per sidecar and by the
+  broker while draining (1.0 = one core busy), to see which part the 2 cores run out for.
 
 Everything (broker, producer, N sidecars) shares this machine's 2 cores.
 
@@ -26,6 +33,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -39,10 +48,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.analyzer_throughput import pack, records  # noqa: E402
-from collectors.kafka_sink import KafkaConnection, KafkaSink  # noqa: E402
-from monitor.baseline import AnalyzerConfig, Baseline  # noqa: E402
-from tests.kafka_broker import Broker, free_port  # noqa: E402
+from bench.analyzer_throughput import pack, records
+from collectors.kafka_sink import KafkaConnection, KafkaSink
+from monitor.baseline import AnalyzerConfig, Baseline
+from tests.kafka_broker import Broker, free_port
 
 
 def scrape(port: int) -> dict[str, float]:
@@ -67,7 +76,7 @@ def start_sidecars(n: int, folder: Path, broker: Broker, topic: str) -> list[tup
         cfg = {"baseline": str(folder / "baseline.safetensors"), "probes": str(folder / "probes"), "port": port,
                "log_format": "text", "source": {"kind": "kafka", "kafka": {
                    "bootstrap_servers": broker.bootstrap, "topic": topic, "group_id": group,
-                   "session_timeout_ms": 6000, "heartbeat_interval_ms": 2000}}}
+                   "session_timeout_ms": 20000, "heartbeat_interval_ms": 2000}}}
         path = folder / f"sidecar-{n}-{i}.yaml"
         path.write_text(json.dumps(cfg))
         log = (folder / f"sidecar-{n}-{i}.log").open("w")
@@ -82,37 +91,67 @@ def start_sidecars(n: int, folder: Path, broker: Broker, topic: str) -> list[tup
     raise RuntimeError(f"consumer group did not settle; logs in {folder}")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def received(procs: list[tuple[subprocess.Popen, int]]) -> float:
+    return sum(scrape(port).get("latentwatch_records_received_total", 0) for _, port in procs)
+
+
+def wait_received(procs: list[tuple[subprocess.Popen, int]], target: float, t0: float) -> float:
+    while (done := received(procs)) < target:
+        if time.perf_counter() - t0 > 600:
+            raise RuntimeError(f"only {done} of {target} records analyzed after 600 s")
+        time.sleep(0.1)
+    return time.perf_counter()
+
+
+def write(sink: KafkaSink, pool: list, total: int) -> float:
+    t0 = time.perf_counter()
+    for i in range(total):
+        rec = pool[i % len(pool)]
+        rec.meta = {"replica": f"pod-{i % 4}"}
+        sink.write(rec)
+    sink.flush()
+    return time.perf_counter() - t0
+
+
 def run(n_replicas: int, pool: list, total: int, folder: Path, broker: Broker) -> dict[str, float]:
+    """Two phases: drain a backlog (sidecars paused while it is written), then produce while consuming."""
     topic = broker.create_topic(partitions=4)
     procs = start_sidecars(n_replicas, folder, broker, topic)
+    sink = KafkaSink(KafkaConnection(bootstrap_servers=broker.bootstrap, topic=topic), key_by="none",
+                     buffer_bytes=256 << 20)
     try:
-        sink = KafkaSink(KafkaConnection(bootstrap_servers=broker.bootstrap, topic=topic), key_by="none",
-                         buffer_bytes=256 << 20)
         assert sink.connected.wait(30), sink.last_error
-        t0 = time.perf_counter()
-        for i in range(total):
-            rec = pool[i % len(pool)]
-            rec.meta = {"replica": f"pod-{i % 4}"}
-            sink.write(rec)
-        sink.flush()
-        produced = time.perf_counter() - t0
-        assert sink.acked == total, sink.stats()
-        while True:
-            done = sum(scrape(port).get("latentwatch_records_received_total", 0) for _, port in procs)
-            if done >= total:
-                break
-            if time.perf_counter() - t0 > 600:
-                raise RuntimeError(f"only {done} of {total} records analyzed after 600 s")
-            time.sleep(0.05)
-        elapsed = time.perf_counter() - t0
-        sink.close()
-    finally:
         for proc, _ in procs:
+            proc.send_signal(signal.SIGSTOP)  # the group stays settled: the session timeout is longer
+        produced = write(sink, pool, total)
+        assert sink.acked == total, sink.stats()
+        t0 = time.perf_counter()
+        cpu0 = [cpu_seconds(p.pid) for p, _ in procs] + [cpu_seconds(broker.proc.pid)]
+        for proc, _ in procs:
+            proc.send_signal(signal.SIGCONT)
+        drained = wait_received(procs, total, t0) - t0
+        cpu = [b - a for a, b in zip(cpu0, [cpu_seconds(p.pid) for p, _ in procs] + [cpu_seconds(broker.proc.pid)],
+                                      strict=True)]
+        t0 = time.perf_counter()
+        write(sink, pool, total)
+        both = wait_received(procs, 2 * total, t0) - t0
+    finally:
+        sink.close()
+        for proc, _ in procs:
+            proc.send_signal(signal.SIGCONT)
             proc.terminate()
             proc.wait(30)
-    rate = total / elapsed
-    return {"produce_records_per_s": total / produced, f"records_per_s_{n_replicas}_replicas": rate,
-            f"records_per_s_per_replica_{n_replicas}_replicas": rate / n_replicas}
+    return {"produce_records_per_s": total / produced,
+            f"drain_records_per_s_per_replica_{n_replicas}_replicas": total / drained / n_replicas,
+            f"end_to_end_records_per_s_{n_replicas}_replicas": total / both,
+            f"drain_sidecar_cpu_share_{n_replicas}_replicas": sum(cpu[:-1]) / drained / n_replicas,
+            f"drain_broker_cpu_share_{n_replicas}_replicas": cpu[-1] / drained}
 
 
 def main() -> None:
@@ -120,7 +159,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--records", type=int, default=None)
     args = ap.parse_args()
-    total = args.records or (20_000 if args.quick else 100_000)
+    total = args.records or (10_000 if args.quick else 100_000)
     rng = np.random.default_rng(0)
     probes = pack(rng)
     result: dict[str, float | int] = {"records": total, "sites": 3, "dim": 576, "partitions": 4}
@@ -138,9 +177,11 @@ def main() -> None:
             for n in (1, 2):
                 figures = run(n, pool, total, folder, broker)
                 result[f"produce_records_per_s_{n}_replicas"] = round(figures.pop("produce_records_per_s"))
-                result.update({k: round(v) for k, v in figures.items()})
-                print(f"{n} sidecar replica(s): {figures[f'records_per_s_{n}_replicas']:,.0f} records/s analyzed "
-                      f"end to end ({figures[f'records_per_s_per_replica_{n}_replicas']:,.0f} per replica)")
+                result.update({k: round(v, 2) if "cpu_share" in k else round(v) for k, v in figures.items()})
+                print(f"{n} sidecar replica(s): backlog drained at "
+                      f"{figures[f'drain_records_per_s_per_replica_{n}_replicas']:,.0f} records/s per replica; "
+                      f"{figures[f'end_to_end_records_per_s_{n}_replicas']:,.0f} records/s end to end while "
+                      f"producing; sink alone {result[f'produce_records_per_s_{n}_replicas']:,} records/s")
         finally:
             broker.kill()
     print(json.dumps(result))

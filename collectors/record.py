@@ -30,7 +30,6 @@ buffer's size.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import struct
@@ -39,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import orjson
 
 STAT_NAMES = ("entropy", "first_token_mass", "mean_distance", "max_weight")  # columns of a site's "heads"
 MAGIC = b"LWSR"
@@ -117,7 +117,7 @@ class Record:
         return rec
 
 
-def _validate_fields(rec: Record) -> None:
+def _validate_fields(rec: Record, sites: bool = True) -> None:
     for name, value in (("model", rec.model), ("fingerprint", rec.fingerprint), ("key", rec.key)):
         if not isinstance(value, str) or not _NAME.match(value):
             raise RecordError(f"field {name!r} must be a short name of [A-Za-z0-9_.:/-], got {value!r:.80}")
@@ -134,6 +134,8 @@ def _validate_fields(rec: Record) -> None:
             raise RecordError(f"meta value for {k!r} must be a string of at most 128 characters")
     if rec.text is not None and (not isinstance(rec.text, str) or len(rec.text) > MAX_TEXT):
         raise RecordError(f"text must be a string of at most {MAX_TEXT} characters")
+    if not sites:
+        return
     if not isinstance(rec.sites, dict):
         raise RecordError("sites must be a dict")
     for site, arrays in rec.sites.items():
@@ -148,20 +150,24 @@ def encode(rec: Record, *, half: bool = False) -> bytes:
     """Encode ``rec`` (arrays as float32, or float16 with ``half=True``)."""
     _validate_fields(rec)
     dtype_code = "f2" if half else "f4"
-    specs, chunks = [], []
+    specs, flat = [], []
     for site, arrays in rec.sites.items():
         for name, arr in arrays.items():
-            a = np.ascontiguousarray(arr, dtype=_DTYPES[dtype_code])
+            a = np.asarray(arr)
             specs.append({"site": site, "name": name, "dtype": dtype_code, "shape": list(a.shape)})
-            chunks.append(a.tobytes())
+            flat.append(a.ravel())
+    # one conversion for the whole payload (float16 conversion is slow per call)
     header: dict[str, Any] = {
         "schema": SCHEMA, "model": rec.model, "fingerprint": rec.fingerprint, "ts": float(rec.ts),
         "key": rec.key, "n_tokens": int(rec.n_tokens), "meta": rec.meta, "arrays": specs,
     }
     if rec.text is not None:
         header["text"] = rec.text
-    hbytes = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
-    payload = b"".join(chunks)
+    try:
+        hbytes = orjson.dumps(header)  # fields validated above; orjson is several times faster than json
+    except orjson.JSONEncodeError as exc:  # e.g. a lone surrogate in text
+        raise RecordError(f"record header cannot be encoded: {exc}") from exc
+    payload = np.concatenate(flat).astype(_DTYPES[dtype_code]).tobytes() if flat else b""
     if len(hbytes) > MAX_HEADER or len(payload) > MAX_PAYLOAD:
         raise RecordError("record too large to encode")
     body = PREFIX.pack(MAGIC, VERSION, 0, 0, len(hbytes), len(payload)) + hbytes + payload
@@ -201,8 +207,8 @@ def _decode(data: bytes) -> Record:
     if zlib.crc32(data[: total - 4]) != crc:
         raise RecordError("checksum mismatch: record is corrupt")
     try:
-        header = json.loads(data[PREFIX.size : PREFIX.size + hlen].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        header = orjson.loads(data[PREFIX.size : PREFIX.size + hlen])
+    except orjson.JSONDecodeError as exc:
         raise RecordError(f"record header is not UTF-8 JSON: {exc}") from exc
     if not isinstance(header, dict):
         raise RecordError("record header is not a JSON object")
@@ -211,9 +217,47 @@ def _decode(data: bytes) -> Record:
     specs = header.get("arrays")
     if not isinstance(specs, list) or len(specs) > MAX_ARRAYS:
         raise RecordError("record header 'arrays' must be a list of at most 4096 entries")
-    payload = memoryview(data)[PREFIX.size + hlen : PREFIX.size + hlen + plen]
-    sites: dict[str, dict[str, np.ndarray]] = {}
+    start = PREFIX.size + hlen
+    layout = _layout(specs, plen)
+    dtype = layout.dtype
+    if dtype is not None:  # the usual case: convert the whole payload at once, arrays are views of it
+        whole = np.frombuffer(data, dtype=dtype, count=plen // dtype.itemsize, offset=start).astype(np.float32)
+        sites = {site: {name: whole[a:b].reshape(shape) for name, a, b, shape in arrays}
+                 for site, arrays in layout.sites.items()}
+    else:
+        sites = {site: {name: np.frombuffer(data, dtype=dt, count=b - a, offset=start + off).reshape(shape)
+                        .astype(np.float32) for name, a, b, shape, dt, off in arrays}
+                 for site, arrays in layout.mixed.items()}
+    meta = header.get("meta", {})
+    rec = Record(
+        model=header.get("model"), fingerprint=header.get("fingerprint"), key=header.get("key"),
+        n_tokens=header.get("n_tokens"), sites=sites, ts=header.get("ts", 0.0), meta=meta,
+        text=header.get("text"),
+    )
+    _validate_fields(rec, sites=False)  # site and array names were checked with the layout
+    return rec
+
+
+@dataclass
+class _Layout:
+    """Where each array of a record lies in its payload (validated once per distinct header layout)."""
+
+    dtype: np.dtype | None  # the payload's single dtype, or None when arrays mix dtypes
+    sites: dict[str, list[tuple[str, int, int, list[int]]]]  # name, first and end element, shape
+    mixed: dict[str, list[tuple[str, int, int, list[int], np.dtype, int]]]  # ... plus dtype, byte offset
+
+
+_LAYOUTS: dict[bytes, _Layout] = {}  # a model's records all share one layout: validate it once
+
+
+def _layout(specs: list, plen: int) -> _Layout:
+    key = orjson.dumps(specs) + plen.to_bytes(8, "little")
+    cached = _LAYOUTS.get(key)
+    if cached is not None:
+        return cached
+    entries = []
     offset = 0
+    seen: set[tuple[str, str]] = set()
     for spec in specs:
         if not isinstance(spec, dict):
             raise RecordError("array spec is not an object")
@@ -227,21 +271,30 @@ def _decode(data: bytes) -> Record:
         nbytes = math.prod(shape) * dtype.itemsize  # Python ints: no overflow
         if offset + nbytes > plen:
             raise RecordError("arrays run past the end of the payload")
-        arr = np.frombuffer(payload[offset : offset + nbytes], dtype=dtype).reshape(shape).astype(np.float32)
-        offset += nbytes
         site, name = spec.get("site"), spec.get("name")
         if not isinstance(site, str) or not isinstance(name, str):
             raise RecordError("array spec needs string 'site' and 'name'")
-        if name in sites.setdefault(site, {}):
+        if not _NAME.match(site) or not _NAME.match(name):
+            raise RecordError(f"bad site or array name {site!r:.80}/{name!r:.80}")
+        if (site, name) in seen:
             raise RecordError(f"duplicate array {site}/{name}")
-        sites[site][name] = arr
+        seen.add((site, name))
+        entries.append((site, name, dtype, shape, offset, nbytes))
+        offset += nbytes
     if offset != plen:
         raise RecordError(f"payload has {plen - offset} bytes not described by the header")
-    meta = header.get("meta", {})
-    rec = Record(
-        model=header.get("model"), fingerprint=header.get("fingerprint"), key=header.get("key"),
-        n_tokens=header.get("n_tokens"), sites=sites, ts=header.get("ts", 0.0), meta=meta,
-        text=header.get("text"),
-    )
-    _validate_fields(rec)
-    return rec
+    dtypes = {e[2] for e in entries}
+    single = dtypes.pop() if len(dtypes) == 1 else None
+    sites: dict[str, list] = {}
+    mixed: dict[str, list] = {}
+    for site, name, dtype, shape, off, nbytes in entries:
+        if single is not None:
+            first = off // single.itemsize
+            sites.setdefault(site, []).append((name, first, first + nbytes // single.itemsize, shape))
+        else:
+            mixed.setdefault(site, []).append((name, 0, nbytes // dtype.itemsize, shape, dtype, off))
+    layout = _Layout(single, sites, mixed)
+    if len(_LAYOUTS) >= 64:  # bounded: hostile or very varied inputs only cost validation time
+        _LAYOUTS.clear()
+    _LAYOUTS[key] = layout
+    return layout

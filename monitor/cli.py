@@ -345,3 +345,21 @@ def _print_baseline(base) -> None:
         comps = ", ".join(s.components[:4]) + (f", … ({len(s.components)})" if len(s.components) > 4 else "")
         table.add_row(s.name, f"{s.threshold:.4g}", comps)
     console.print(table)
+
+
+alerts_app = typer.Typer(help="Prometheus alert and recording rules.", no_args_is_help=True)
+app.add_typer(alerts_app, name="alerts")
+
+
+@alerts_app.command("build")
+def alerts_build(
+    out: Path = typer.Option(Path("alerts/latentwatch.rules.yml"), help="Prometheus rule file to write"),
+    crd: Path = typer.Option(Path("deploy/kubernetes/prometheusrule.yaml"),
+                             help="the same rules as a Prometheus Operator PrometheusRule"),
+    runbook_base: str = typer.Option(None, help="URL prefix of docs/runbooks (default: the project's)"),
+) -> None:
+    """Write the rule file and the PrometheusRule from monitor/rules.py."""
+    from monitor import rules
+
+    for path in rules.write(out, crd, runbook_base or rules.RUNBOOK_BASE):
+        console.print(f"wrote {path}")

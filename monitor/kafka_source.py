@@ -44,6 +44,7 @@ class KafkaSourceConfig(KafkaConnection):
     dead_letter_topic: str | None = Field(None, pattern=r"^[A-Za-z0-9._-]{1,249}$")
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
     max_poll_records: int = Field(2000, ge=1, le=100_000)
+    max_partition_fetch_bytes: int = Field(8 << 20, ge=1 << 16, le=1 << 30)
     poll_timeout_seconds: float = Field(0.5, gt=0, le=30)
     commit_interval_seconds: float = Field(1.0, gt=0, le=300)
     session_timeout_ms: int = Field(10_000, ge=1_000, le=300_000)
@@ -115,6 +116,7 @@ class KafkaSource:
         try:
             consumer = KafkaConsumer(**c.client_config(), group_id=c.group_id, enable_auto_commit=False,
                                      auto_offset_reset=c.auto_offset_reset, max_poll_records=c.max_poll_records,
+                                     max_partition_fetch_bytes=c.max_partition_fetch_bytes,
                                      session_timeout_ms=c.session_timeout_ms,
                                      heartbeat_interval_ms=c.heartbeat_interval_ms)
             consumer.subscribe([c.topic], listener=_listener(self))

@@ -59,6 +59,8 @@ class Settings(BaseSettings):
     batch_size: int = Field(512, ge=1, le=100_000)
     max_replicas: int = Field(64, ge=1, le=10_000, description="cap on distinct `replica` label values")
     attribution_top: int = Field(5, ge=1, le=20)
+    threads: int = Field(1, ge=1, le=64, description="BLAS threads for the analysis; scale out with replicas "
+                                                      "(more threads mostly spin on small matrices)")
     log_format: Literal["json", "text"] = "json"
 
     @classmethod

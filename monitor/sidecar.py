@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from threadpoolctl import threadpool_limits
 
 from collectors.record import Record
 from collectors.sinks import FileReadStats, RecordStream
@@ -118,8 +119,7 @@ class Sidecar:
                 fired += self.analyzer.update(batch)
                 if self.probes is not None and self.analyzer.scored_total > before:
                     self._account_scores(self.analyzer.last_scores)
-                for rec in batch:
-                    self._account_tap(rec)
+                self._account_tap(batch)
         return fired
 
     def _account_scores(self, scores: np.ndarray) -> None:
@@ -141,18 +141,22 @@ class Sidecar:
         rates = self._recent[:n].mean(axis=0)
         return {c: float(r) for c, r in zip(self.probes.concepts, rates, strict=True)}
 
-    def _account_tap(self, rec: Record) -> None:
-        if rec.fingerprint != self.baseline.fingerprint:
-            return
-        self.last_record_ts = max(self.last_record_ts, rec.ts)
-        replica = rec.meta.get("replica", "unknown")
-        if replica not in self.replicas and len(self.replicas) >= self.settings.max_replicas:
-            replica = "other"
-        counters = self.replicas.setdefault(replica, {})
-        for key, meta_key in (("sampled", "tap_sampled"), ("dropped", "tap_dropped"),
-                              ("sink_dropped", "sink_dropped")):
-            with contextlib.suppress(ValueError):  # a malformed counter is ignored, not fatal
-                counters[key] = max(counters.get(key, 0), int(rec.meta.get(meta_key, "0")))
+    def _account_tap(self, batch: list[Record]) -> None:
+        """Newest record time, and each replica's cumulative tap counters (from its newest record)."""
+        fp = self.baseline.fingerprint
+        newest: dict[str, Record] = {}
+        for rec in batch:
+            if rec.fingerprint == fp:
+                newest[rec.meta.get("replica", "unknown")] = rec
+        for replica, rec in newest.items():
+            self.last_record_ts = max(self.last_record_ts, rec.ts)
+            if replica not in self.replicas and len(self.replicas) >= self.settings.max_replicas:
+                replica = "other"
+            counters = self.replicas.setdefault(replica, {})
+            for key, meta_key in (("sampled", "tap_sampled"), ("dropped", "tap_dropped"),
+                                  ("sink_dropped", "sink_dropped")):
+                with contextlib.suppress(ValueError):  # a malformed counter is ignored, not fatal
+                    counters[key] = max(counters.get(key, 0), int(rec.meta.get(meta_key, "0")))
 
     def poll_once(self) -> int:
         if self.kafka is not None:
@@ -251,6 +255,7 @@ def start_http(sidecar: Sidecar) -> ThreadingHTTPServer:
 
 def serve(settings: Settings) -> int:
     """Run the sidecar until SIGTERM/SIGINT; returns the exit code."""
+    threadpool_limits(settings.threads)  # process-wide: the analysis runs on small matrices
     sidecar = Sidecar(settings)
     server = start_http(sidecar)
     host, port = server.server_address[:2]
