@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -177,6 +177,20 @@ class Analyzer:
         return fired
 
     # ------------------------------------------------------------------ reading
+    @property
+    def filled(self) -> int:
+        """Records in the current window (the window size once warmed up)."""
+        return self._filled
+
+    def window_means(self) -> Iterator[tuple[DetectorState, np.ndarray, np.ndarray]]:
+        """For univariate KS detectors: (state, window mean, baseline mean) per component."""
+        if not self._filled:
+            return
+        for st in self.states:
+            reference = getattr(st.slot.detector, "reference_", None)
+            if st.slot.kind == "ks" and reference is not None:
+                yield st, st.buffer[: self._filled].mean(axis=0), reference.mean(axis=0)
+
     def attribution(self, st: DetectorState, top: int = 5) -> list[tuple[str, float]]:
         """The components of one detector's current window that moved most (largest |contribution|)."""
         comps = np.asarray(st.slot.detector.components(st.buffer), dtype=np.float64)

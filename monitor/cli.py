@@ -363,3 +363,34 @@ def alerts_build(
 
     for path in rules.write(out, crd, runbook_base or rules.RUNBOOK_BASE):
         console.print(f"wrote {path}")
+
+
+dashboards_app = typer.Typer(help="Grafana dashboards (built with grafana-foundation-sdk).", no_args_is_help=True)
+app.add_typer(dashboards_app, name="dashboards")
+
+
+@dashboards_app.command("build")
+def dashboards_build(out: Path = typer.Option(Path("dashboards"), help="folder for the dashboard JSON files")) -> None:
+    """Write the Overview, Concepts and Internals dashboards as JSON."""
+    from monitor import dashboards
+
+    for path in dashboards.write(out):
+        console.print(f"wrote {path}")
+
+
+@dashboards_app.command("push")
+def dashboards_push(
+    url: str = typer.Option(..., envvar="GRAFANA_URL", help="Grafana base URL, e.g. https://grafana.example.com"),
+    token: str = typer.Option(None, envvar="GRAFANA_TOKEN", help="service account token (or user:pass in the URL)"),
+    folder_uid: str = typer.Option(None, help="folder to put the dashboards in"),
+) -> None:
+    """Create or overwrite the dashboards in a Grafana (grafana-client)."""
+    from monitor import dashboards
+
+    try:
+        answers = dashboards.push(url, token, dashboards.build_all(), folder_uid)
+    except Exception as exc:  # connection refused, 401, 412...: say which, exit 2
+        console.print(f"[red]error:[/red] pushing to {url} failed: {exc}")
+        raise typer.Exit(2) from exc
+    for answer in answers:
+        console.print(f"{answer.get('status', 'ok')}: {answer.get('url', answer.get('uid', ''))}")

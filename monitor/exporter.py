@@ -80,6 +80,17 @@ class SidecarCollector(Collector):
                 for rank, (comp, value) in enumerate(a.attribution(st, top=sc.settings.attribution_top), 1):
                     attribution.add_metric([m, st.slot.name, comp, str(rank)], value)
         yield from (stat, thr, alarm, alarms, attribution)
+        window_mean = GaugeMetricFamily(
+            "latentwatch_signal_window_mean", "Mean of each component (probe score, attention-head statistic, "
+            "activation norm) over the current window", labels=["model_name", "signal", "component"])
+        base_mean = GaugeMetricFamily("latentwatch_signal_baseline_mean", "The same mean in the baseline",
+                                      labels=["model_name", "signal", "component"])
+        for st, live, ref in a.window_means():
+            signal = st.slot.family
+            for name, w, r in zip(st.slot.components, live, ref, strict=True):
+                window_mean.add_metric([m, signal, name], float(w))
+                base_mean.add_metric([m, signal, name], float(r))
+        yield from (window_mean, base_mean)
 
         if sc.probes is not None:
             hist = HistogramMetricFamily("latentwatch_concept_score", "Probe scores of received records",
