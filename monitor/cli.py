@@ -93,17 +93,32 @@ def replay(
     rate: float = typer.Option(0.0, help="records per second (0: as fast as possible)"),
     batch: int = typer.Option(100, help="records per request"),
     limit: int = typer.Option(None, help="stop after this many records"),
+    skip: int = typer.Option(0, help="start after this many records"),
+    kafka: str = typer.Option(None, help="bootstrap servers: write to Kafka instead of POSTing to --url"),
+    topic: str = typer.Option("latentwatch.signatures", help="Kafka topic (with --kafka)"),
 ) -> None:
-    """Feed a recorded signature file to a running sidecar (for testing alert rules and dashboards)."""
+    """Feed a recorded signature file to a running sidecar or a Kafka topic (to try alert rules, dashboards)."""
     import urllib.error
 
     from monitor.replay import replay as run
 
+    sink = None
+    if kafka:
+        from collectors.kafka_sink import KafkaConnection, KafkaSink
+
+        sink = KafkaSink(KafkaConnection(bootstrap_servers=kafka, topic=topic))
+        if not sink.connected.wait(30):
+            console.print(f"[red]error:[/red] cannot reach Kafka at {kafka}: {sink.last_error}")
+            sink.close()
+            raise typer.Exit(2)
     try:
-        result = run(path, url, rate, batch=batch, limit=limit)
+        result = run(path, url, rate, batch=batch, limit=limit, skip=skip, sink=sink)
     except (urllib.error.URLError, OSError) as exc:
         console.print(f"[red]error:[/red] cannot reach the sidecar at {url}: {exc}")
         raise typer.Exit(2) from exc
+    finally:
+        if sink is not None:
+            sink.close()
     console.print_json(json.dumps(result))
 
 

@@ -10,7 +10,8 @@
    The sidecar runs in-process and serves ``/metrics`` meanwhile.
 5. Report when each alarm fired relative to the true shift point, the false alarms before it, what
    moved (attribution) and the concept rates before and after; write everything to ``--out``,
-   including ``report.html`` (plots) and the last ``/metrics`` scrape (``metrics.txt``).
+   including ``report.html`` (plots), the last ``/metrics`` scrape (``metrics.txt``), the live records
+   (``live.lwsr``, for ``latentwatch replay``), ``baseline.safetensors`` and ``probes/``.
 """
 
 from __future__ import annotations
@@ -98,6 +99,9 @@ def run_demo(model: str, out: Path, sample_rate: float, quick: bool, console: Co
     with console.status("calibrating detectors to the false-alarm budget"):
         baseline = Baseline.build(reference, probes, config)
     baseline.save(out / "baseline.safetensors")
+    (out / "probes").mkdir(exist_ok=True)  # the artifacts a sidecar needs, side by side (deploy/compose uses them)
+    for probe in probes.probes:
+        probe.save(out / "probes" / f"{probe.concept}.probe.json")
     for warning in baseline.info["warnings"]:
         console.print(f"[yellow]note:[/yellow] {warning}")
 
@@ -113,7 +117,7 @@ def run_demo(model: str, out: Path, sample_rate: float, quick: bool, console: Co
     shift_at = len(ordinary)
 
     # the sidecar runs in this process: records go to its analyzer, /metrics is served while traffic flows
-    sidecar = Sidecar(Settings(baseline=out / "baseline.safetensors", probes=pack_dir(baseline.fingerprint),
+    sidecar = Sidecar(Settings(baseline=out / "baseline.safetensors", probes=out / "probes",
                                source=SourceConfig(kind="none"), port=port))
     sidecar.analyzer.log_alarms = False  # alarms show in the live table
     analyzer = sidecar.analyzer

@@ -1,4 +1,5 @@
-"""``latentwatch replay``: feed a recorded signature file to a running sidecar at a chosen rate."""
+"""``latentwatch replay``: feed a recorded signature file to a running sidecar (``POST /ingest``) or to a
+Kafka topic (through the tap's :class:`~collectors.kafka_sink.KafkaSink`) at a chosen rate."""
 
 from __future__ import annotations
 
@@ -6,35 +7,41 @@ import json
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
-from collectors.record import encode
+from collectors.record import Record, encode
 from collectors.sinks import FileReadStats, read_file
 
 
 def replay(path: Path, url: str, rate: float, batch: int = 100, limit: int | None = None,
-           timeout: float = 30.0) -> dict[str, int]:
-    """POST the file's records to ``url`` (``…/ingest``) in batches, at ``rate`` records/s (0 = as fast as possible)."""
+           timeout: float = 30.0, skip: int = 0, sink: Any = None) -> dict[str, int]:
+    """POST the file's records to ``url`` (``…/ingest``) in batches, at ``rate`` records/s (0 = as fast as
+    possible), after skipping the first ``skip``; with ``sink`` (a Kafka sink), write them there instead."""
     stats = FileReadStats()
     sent = accepted = corrupt = 0
-    pending: list[bytes] = []
+    pending: list[Record] = []
     started = time.monotonic()
 
     def flush() -> None:
         nonlocal accepted, corrupt
-        if not pending:
-            return
-        req = urllib.request.Request(url, data=b"".join(pending), method="POST",
-                                     headers={"Content-Type": "application/octet-stream"})
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            answer = json.loads(resp.read())
-        accepted += answer["accepted"]
-        corrupt += answer["corrupt"]
+        if pending and sink is not None:
+            for rec in pending:
+                sink.write(rec)
+        elif pending:
+            req = urllib.request.Request(url, data=b"".join(encode(r) for r in pending), method="POST",
+                                         headers={"Content-Type": "application/octet-stream"})
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                answer = json.loads(resp.read())
+            accepted += answer["accepted"]
+            corrupt += answer["corrupt"]
         pending.clear()
 
-    for rec in read_file(path, stats):
+    for i, rec in enumerate(read_file(path, stats)):
+        if i < skip:
+            continue
         if limit is not None and sent >= limit:
             break
-        pending.append(encode(rec))
+        pending.append(rec)
         sent += 1
         if len(pending) >= batch:
             flush()
@@ -43,4 +50,7 @@ def replay(path: Path, url: str, rate: float, batch: int = 100, limit: int | Non
                 if ahead > 0:
                     time.sleep(ahead)
     flush()
+    if sink is not None:
+        sink.flush()
+        return {"sent": sent, "acked": sink.acked, "dropped": sink.dropped, "corrupt_in_file": stats.corrupt}
     return {"sent": sent, "accepted": accepted, "corrupt_in_file": stats.corrupt, "refused_by_sidecar": corrupt}
