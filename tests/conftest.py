@@ -35,3 +35,16 @@ def encode(lm: models.LoadedModel, texts: list[str], side: str = "right") -> dic
     if lm.kind == "causal-lm":
         batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp_min(0)
     return batch
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory, smollm2):
+    """``latentwatch demo --quick`` once per session: its output folder (baseline, probes, the recorded
+    live stream with a no-shift phase then a real shift) and the CLI result."""
+    from typer.testing import CliRunner
+
+    from monitor.cli import app
+
+    out = tmp_path_factory.mktemp("demo")
+    result = CliRunner().invoke(app, ["demo", "--quick", "--out", str(out), "--port", "0"], terminal_width=200)
+    return out, result

@@ -30,8 +30,8 @@ def test_sites_for_a_decoder_marks_defaults(smollm2):
     assert "attn" not in result.output.split("┃")[-1]  # filtered by --kind
 
 
-def test_demo_quick_runs_end_to_end_and_alarms_after_the_shift(tmp_path, smollm2):
-    result = runner.invoke(app, ["demo", "--quick", "--out", str(tmp_path), "--port", "0"], terminal_width=200)
+def test_demo_quick_runs_end_to_end_and_alarms_after_the_shift(demo_run):
+    tmp_path, result = demo_run
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["live_records"] == 240 and summary["shift_at_record"] == 120
@@ -63,10 +63,8 @@ def test_demo_quick_runs_end_to_end_and_alarms_after_the_shift(tmp_path, smollm2
     assert alarms == sum(1 for _ in json.loads((tmp_path / "alarms.json").read_text()))
     check_report_renders(tmp_path / "report.html", tmp_path)
 
-    from monitor.train import pack_dir
-
     args = ["report", str(tmp_path / "live.lwsr"), "--baseline", str(tmp_path / "baseline.safetensors"),
-            "--probes", str(pack_dir(summary["fingerprint"])), "--shift-at", "120",
+            "--probes", str(tmp_path / "probes"), "--shift-at", "120",
             "--out", str(tmp_path / "again.html")]
     again = runner.invoke(app, args)
     assert again.exit_code == 0, again.output
