@@ -92,6 +92,7 @@ class KafkaSource:
         self._committed: dict[int, int] = {}
         self._last_commit = time.monotonic()
         self._next_connect = 0.0
+        self._last_connection_check = 0.0
         self._lock = threading.Lock()  # guards what the exporter reads
         self.connected = False
         self.assigned: list[int] = []
@@ -152,7 +153,7 @@ class KafkaSource:
             log.warning("Kafka poll failed: %s", exc)
             time.sleep(min(1.0, c.reconnect_seconds))
             return 0
-        self.connected = True
+        self._check_connection()
         records: list[Record] = []
         bad: list[tuple[Any, str]] = []
         for msgs in batches.values():
@@ -185,6 +186,19 @@ class KafkaSource:
         if time.monotonic() - self._last_commit >= c.commit_interval_seconds:
             self._commit(list(self._next), reason="interval")
         return n
+
+    def _check_connection(self) -> None:
+        """``connected``: the client holds at least one broker connection (checked once a second; a poll
+        against a dead broker returns nothing rather than failing)."""
+        now = time.monotonic()
+        if now - self._last_connection_check < 1.0:
+            return
+        self._last_connection_check = now
+        try:
+            count = self._consumer.metrics().get("consumer-metrics", {}).get("connection-count", 1.0)
+        except Exception:
+            count = 1.0  # metrics unavailable: assume connected rather than raise a false alert
+        self.connected = count > 0
 
     def _dead_letter(self, bad: list[tuple[Any, str]]) -> None:
         try:

@@ -285,3 +285,25 @@ def test_unreachable_broker_is_not_fatal():
 def test_missing_codec_is_a_clear_error():
     with pytest.raises(ValueError, match="compression_type 'brotli'"):
         KafkaSink(KafkaConnection(bootstrap_servers="127.0.0.1:1", topic="t"), compression_type="brotli")
+
+
+def test_sidecar_reports_a_lost_broker_and_recovers(artifacts, tmp_path):  # noqa: F811
+    b = Broker().start()
+    topic = b.create_topic(partitions=1)
+    proc, port = start_sidecar(artifacts, tmp_path / "s", b, topic, f"g-{uuid.uuid4().hex}")
+    try:
+        wait_for(lambda: scalar(metrics(port), "latentwatch_kafka_connected") == 1, what="connected")
+        b.kill()
+        wait_for(lambda: scalar(metrics(port), "latentwatch_kafka_connected") == 0, what="disconnection noticed")
+        assert get(f"http://127.0.0.1:{port}/readyz")[0] == 503 and proc.poll() is None  # still serving
+        b.start()
+        b.create_topic(topic, partitions=1)
+        wait_for(lambda: scalar(metrics(port), "latentwatch_kafka_connected") == 1, timeout=90, what="reconnected")
+        sink = sink_for(b, topic)
+        produce(sink, 50, seed=6)
+        sink.close()
+        wait_for(lambda: scalar(metrics(port), "latentwatch_records_received") == 50, timeout=90,
+                 what="records analyzed after the broker returned")
+    finally:
+        assert stop(proc)[0] == 0
+        b.kill()
