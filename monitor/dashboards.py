@@ -49,26 +49,23 @@ def _query(expr: str, legend: str = "", instant: bool = False, ref: str = "A") -
     return q
 
 
+def _query_variable(name: str, label: str, query: str, regex: str = "") -> dash.QueryVariable:
+    var = (dash.QueryVariable(name).label(label).datasource(DS).query(query)
+           .refresh(VariableRefresh.ON_TIME_RANGE_CHANGED).sort(VariableSort.NATURAL_ASC)
+           .multi(True).include_all(True).all_value(".*"))
+    return var.regex(regex) if regex else var
+
+
 def _variables(d: dash.Dashboard, extra: str | None) -> dash.Dashboard:
     d = d.with_variable(dash.DatasourceVariable("datasource").label("Data source").type("prometheus"))
-    d = d.with_variable(
-        dash.QueryVariable("model_name").label("Model").datasource(DS)
-        .query("label_values(latentwatch_baseline_info, model_name)")
-        .refresh(VariableRefresh.ON_TIME_RANGE_CHANGED).sort(VariableSort.ALPHABETICAL_ASC)
-        .multi(True).include_all(True).all_value(".*"))
+    d = d.with_variable(_query_variable("model_name", "Model", "label_values(latentwatch_baseline_info, model_name)"))
     if extra == "site":
-        d = d.with_variable(
-            dash.QueryVariable("site").label("Site").datasource(DS)
-            .query(f'label_values(latentwatch_drift_statistic{{{M}, signal!="scores"}}, signal)')
-            .regex("/^(?:norm:|attn:)?(.*)$/")
-            .refresh(VariableRefresh.ON_TIME_RANGE_CHANGED).sort(VariableSort.NATURAL_ASC)
-            .multi(True).include_all(True).all_value(".*"))
+        d = d.with_variable(_query_variable(
+            "site", "Site", f'label_values(latentwatch_drift_statistic{{{M}, signal!="scores"}}, signal)',
+            "/^(?:norm:|attn:)?(.*)$/"))
     elif extra == "concept":
-        d = d.with_variable(
-            dash.QueryVariable("concept").label("Concept").datasource(DS)
-            .query(f"label_values(latentwatch_concept_rate{{{M}}}, concept)")
-            .refresh(VariableRefresh.ON_TIME_RANGE_CHANGED).sort(VariableSort.ALPHABETICAL_ASC)
-            .multi(True).include_all(True).all_value(".*"))
+        d = d.with_variable(_query_variable("concept", "Concept",
+                                            f"label_values(latentwatch_concept_rate{{{M}}}, concept)"))
     return d
 
 
