@@ -117,10 +117,23 @@ class Record:
         return rec
 
 
+_VALID_NAMES: set[str] = set()  # model names and fingerprints already checked (a handful per stream)
+
+
+def _check_name(field_name: str, value: object) -> None:
+    if value in _VALID_NAMES:
+        return
+    if not isinstance(value, str) or not _NAME.match(value):
+        raise RecordError(f"field {field_name!r} must be a short name of [A-Za-z0-9_.:/-], got {value!r:.80}")
+    if len(_VALID_NAMES) < 4096:
+        _VALID_NAMES.add(value)
+
+
 def _validate_fields(rec: Record, sites: bool = True) -> None:
-    for name, value in (("model", rec.model), ("fingerprint", rec.fingerprint), ("key", rec.key)):
-        if not isinstance(value, str) or not _NAME.match(value):
-            raise RecordError(f"field {name!r} must be a short name of [A-Za-z0-9_.:/-], got {value!r:.80}")
+    _check_name("model", rec.model)
+    _check_name("fingerprint", rec.fingerprint)
+    if not isinstance(rec.key, str) or not _NAME.match(rec.key):
+        raise RecordError(f"field 'key' must be a short name of [A-Za-z0-9_.:/-], got {rec.key!r:.80}")
     if not isinstance(rec.n_tokens, int) or isinstance(rec.n_tokens, bool) or not 0 <= rec.n_tokens < 2**31:
         raise RecordError(f"n_tokens must be a non-negative int, got {rec.n_tokens!r:.40}")
     if not isinstance(rec.ts, (int, float)) or isinstance(rec.ts, bool) or not math.isfinite(rec.ts):
@@ -222,7 +235,8 @@ def _decode(data: bytes) -> Record:
     dtype = layout.dtype
     if dtype is not None:  # the usual case: convert the whole payload at once, arrays are views of it
         whole = np.frombuffer(data, dtype=dtype, count=plen // dtype.itemsize, offset=start).astype(np.float32)
-        sites = {site: {name: whole[a:b].reshape(shape) for name, a, b, shape in arrays}
+        sites = {site: {name: whole[a:b] if len(shape) == 1 else whole[a:b].reshape(shape)
+                        for name, a, b, shape in arrays}
                  for site, arrays in layout.sites.items()}
     else:
         sites = {site: {name: np.frombuffer(data, dtype=dt, count=b - a, offset=start + off).reshape(shape)

@@ -43,8 +43,10 @@ class KafkaSourceConfig(KafkaConnection):
     group_id: str = Field("latentwatch-monitor", min_length=1, max_length=255)
     dead_letter_topic: str | None = Field(None, pattern=r"^[A-Za-z0-9._-]{1,249}$")
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
-    max_poll_records: int = Field(2000, ge=1, le=100_000)
-    max_partition_fetch_bytes: int = Field(8 << 20, ge=1 << 16, le=1 << 30)
+    # a poll that drains what was fetched lets kafka-python send the next fetch before the batch is
+    # analyzed (pipelining): keep max_poll_records above partitions x max_partition_fetch_bytes / ~7.7 KB
+    max_poll_records: int = Field(5000, ge=1, le=100_000)
+    max_partition_fetch_bytes: int = Field(2 << 20, ge=1 << 16, le=1 << 30)
     poll_timeout_seconds: float = Field(0.5, gt=0, le=30)
     commit_interval_seconds: float = Field(1.0, gt=0, le=300)
     session_timeout_ms: int = Field(10_000, ge=1_000, le=300_000)

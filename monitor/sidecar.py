@@ -113,8 +113,9 @@ class Sidecar:
         fired: list[AlarmEvent] = []
         with self.lock:
             self.corrupt_total += corrupt
-            for i in range(0, len(records), self.settings.batch_size):
-                batch = records[i : i + self.settings.batch_size]
+        for i in range(0, len(records), self.settings.batch_size):
+            batch = records[i : i + self.settings.batch_size]
+            with self.lock:  # per batch: a scrape waits for one batch at most
                 before = self.analyzer.scored_total
                 fired += self.analyzer.update(batch)
                 if self.probes is not None and self.analyzer.scored_total > before:
