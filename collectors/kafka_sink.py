@@ -168,6 +168,9 @@ class KafkaSink:
             try:
                 producer = KafkaProducer(**self._config)
                 producer.partitions_for(self.topic)  # topic metadata, so send() never waits for it
+                if self._closed.is_set():  # closed while connecting
+                    producer.close(timeout=0)
+                    return
                 self._producer = producer
                 self.connected.set()
                 log.info("latentwatch kafka sink connected to %s, topic %s", self.connection.bootstrap_servers,
