@@ -239,8 +239,8 @@ def _decode(data: bytes) -> Record:
                         for name, a, b, shape in arrays}
                  for site, arrays in layout.sites.items()}
     else:
-        sites = {site: {name: np.frombuffer(data, dtype=dt, count=b - a, offset=start + off).reshape(shape)
-                        .astype(np.float32) for name, a, b, shape, dt, off in arrays}
+        sites = {site: {name: np.frombuffer(data, dtype=dt, count=count, offset=start + off).reshape(shape)
+                        .astype(np.float32) for name, count, shape, dt, off in arrays}
                  for site, arrays in layout.mixed.items()}
     meta = header.get("meta", {})
     rec = Record(
@@ -258,7 +258,7 @@ class _Layout:
 
     dtype: np.dtype | None  # the payload's single dtype, or None when arrays mix dtypes
     sites: dict[str, list[tuple[str, int, int, list[int]]]]  # name, first and end element, shape
-    mixed: dict[str, list[tuple[str, int, int, list[int], np.dtype, int]]]  # ... plus dtype, byte offset
+    mixed: dict[str, list[tuple[str, int, list[int], np.dtype, int]]]  # name, elements, shape, dtype, byte offset
 
 
 _LAYOUTS: dict[bytes, _Layout] = {}  # a model's records all share one layout: validate it once
@@ -306,7 +306,7 @@ def _layout(specs: list, plen: int) -> _Layout:
             first = off // single.itemsize
             sites.setdefault(site, []).append((name, first, first + nbytes // single.itemsize, shape))
         else:
-            mixed.setdefault(site, []).append((name, 0, nbytes // dtype.itemsize, shape, dtype, off))
+            mixed.setdefault(site, []).append((name, nbytes // dtype.itemsize, shape, dtype, off))
     layout = _Layout(single, sites, mixed)
     if len(_LAYOUTS) >= 64:  # bounded: hostile or very varied inputs only cost validation time
         _LAYOUTS.clear()

@@ -177,11 +177,6 @@ class Analyzer:
         return fired
 
     # ------------------------------------------------------------------ reading
-    @property
-    def filled(self) -> int:
-        """Records in the current window (the window size once warmed up)."""
-        return self._filled
-
     def window_means(self) -> Iterator[tuple[DetectorState, np.ndarray, np.ndarray]]:
         """For univariate KS detectors: (state, window mean, baseline mean) per component."""
         if not self._filled:

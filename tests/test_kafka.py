@@ -22,9 +22,9 @@ from collectors.kafka_sink import KafkaConnection, KafkaSink
 from collectors.record import decode, encode
 from tests.conftest import TEXTS
 from tests.conftest import encode as tokenize
-from tests.kafka_broker import Broker, broker  # noqa: F401 - fixture
+from tests.kafka_broker import Broker, broker, free_port  # noqa: F401 - fixture
 from tests.test_analyzer import FP, make_records
-from tests.test_sidecar import artifacts, free_port, get, metrics, stop, wait_for  # noqa: F401 - fixture
+from tests.test_sidecar import artifacts, get, metrics, stop, wait_for  # noqa: F401 - fixture
 
 GROUP_TIMEOUTS = {"session_timeout_ms": 6000, "heartbeat_interval_ms": 2000}
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,13 +17,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from collectors.sinks import FileSink
 from monitor.baseline import Baseline
 from monitor.replay import replay
+from tests.kafka_broker import free_port
 from tests.test_analyzer import CONFIG, FP, make_records, probes
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(predicate, timeout: float = 30.0, what: str = "condition"):
