@@ -28,9 +28,26 @@ def first_last_index(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return first, last
 
 
+def align_mask(mask: torch.Tensor, tokens: int) -> torch.Tensor:
+    """The columns of a ``[rows, T']`` mask that belong to the ``tokens`` positions a forward computed.
+
+    A forward that continues a KV cache is handed the mask of cache + input (transformers' convention);
+    its own tokens are the last ``tokens`` columns. A mask shorter than the tokens cannot be aligned.
+    """
+    if mask.shape[1] == tokens:
+        return mask
+    if mask.shape[1] > tokens:
+        return mask[:, -tokens:]
+    raise ValueError(f"attention mask covers {mask.shape[1]} tokens but the activations have {tokens}")
+
+
 def pool_activations(hidden: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-    """``hidden`` ``[rows, T, d]``, ``mask`` ``[rows, T]`` -> ``{"mean": [rows, d], "last": .., "norm": [rows, 2]}``."""
+    """``hidden`` ``[rows, T, d]``, ``mask`` ``[rows, T]`` -> ``{"mean": [rows, d], "last": .., "norm": [rows, 2]}``.
+
+    A mask longer than ``T`` (cache + input) is aligned to its last ``T`` columns.
+    """
     h = hidden.float()
+    mask = align_mask(mask, h.shape[1])
     m = mask.to(h.dtype)
     count = m.sum(1, keepdim=True).clamp_min(1)
     mean = (h * m[..., None]).sum(1) / count
@@ -45,7 +62,7 @@ def attention_heads(cap: attention.AttentionCapture, mask: torch.Tensor) -> torc
     """Per-head statistics ``[rows, heads, 4]`` of one captured attention call over prompt ``mask``."""
     tq = cap.query.shape[2]
     tk = cap.key.shape[2]
-    key_mask = mask[:, -tk:] if mask.shape[1] >= tk else mask
+    key_mask = align_mask(mask, tk)
     probs = attention.probabilities(cap, key_mask=key_mask)
     first, _ = first_last_index(key_mask)
     query_mask = key_mask[:, -tq:]

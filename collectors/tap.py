@@ -27,9 +27,12 @@ model. :meth:`Tap.detach` removes every hook and restores the attention implemen
 computes exactly what it computed before.
 
 **generate()**: a request's signature describes how the model read the *prompt*: it is taken from the
-prefill forward (the one that starts with an empty KV cache). Decode steps, which extend a cache by one
-token, are recognised and skipped (``decode_steps_skipped``), so a request yields one record however many
-tokens it generates.
+prefill forward (the one that starts with an empty KV cache). Decode steps, which extend a cache, are
+recognised from what the forward receives -- the length of the KV cache object it is handed (whatever the
+argument is called), else a 2-D attention mask longer than the input -- and skipped
+(``decode_steps_skipped``), so a request yields one record however many tokens it generates. When
+generate() copies each prompt for ``num_return_sequences`` or beams, a request given a key through
+:meth:`Tap.request` is recorded once.
 """
 
 from __future__ import annotations
@@ -289,6 +292,42 @@ class Tap:
             return None
         return args[i] if i < len(args) else None
 
+    def _tokens_before(self, args: tuple, kwargs: dict, length: int, mask: object) -> int:
+        """How many tokens of this sequence were processed before this forward (0 for a prefill).
+
+        Decided from what the forward receives, not from argument names: the length of the KV cache it
+        is handed; without one, a 2-D attention mask longer than the input (generate() passes the mask of
+        cache + input); without either, the first cache position of models that take ``cache_position``.
+        """
+        cached = _cache_length(itertools.chain(kwargs.values(), args))
+        if cached is not None:
+            return cached
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            return max(0, int(mask.shape[1]) - length)
+        position = self._arg("cache_position", args, kwargs)
+        if isinstance(position, torch.Tensor) and position.numel():
+            return int(position.reshape(-1)[0])
+        return 0
+
+    def _request_keys(self, req: _Request | None, ids: torch.Tensor) -> tuple[list[str], int]:
+        """The keys of the requests in a batch and how many consecutive rows each request fills.
+
+        One row per request, unless the batch holds ``n`` identical consecutive copies of each of the
+        request's rows: generate() expands every prompt that way for ``num_return_sequences`` or beam
+        search, and the request is then recorded once, from its first copy.
+        """
+        batch = ids.shape[0]
+        given = req.keys if req is not None else None
+        if given:
+            n = len(given)
+            if batch == n:
+                return list(given), 1
+            if batch % n == 0:
+                grouped = ids.reshape(n, batch // n, -1)
+                if bool((grouped == grouped[:, :1]).all()):
+                    return list(given), batch // n
+        return [f"auto-{next(self._counter)}" for _ in range(batch)], 1
+
     def _pre_hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         self._local.cap = None
         try:
@@ -300,32 +339,30 @@ class Tap:
                 ids = args[0]
             if not isinstance(ids, torch.Tensor):
                 return
-            if _is_decode_step(self._arg("past_key_values", args, kwargs), self._arg("cache_position", args, kwargs)):
+            batch, length = ids.shape[0], ids.shape[1]
+            mask = self._arg("attention_mask", args, kwargs)
+            if self._tokens_before(args, kwargs, length, mask) > 0:
                 self.stats.decode_steps_skipped += 1
                 return
-            batch, length = ids.shape[0], ids.shape[1]
             req = getattr(self._local, "request", None)
-            keys = req.keys if req is not None and req.keys is not None and len(req.keys) == batch else None
-            if keys is None:
-                keys = [f"auto-{next(self._counter)}" for _ in range(batch)]
-            self.stats.requests_seen += batch
-            rows = [i for i, k in enumerate(keys) if self.sampler.sampled(k)]
-            if not rows:
+            keys, copies = self._request_keys(req, ids)
+            self.stats.requests_seen += len(keys)
+            picked = [i for i, k in enumerate(keys) if self.sampler.sampled(k)]
+            if not picked:
                 return
             if self._queue.full():
-                self.stats.dropped_queue_full += len(rows)
+                self.stats.dropped_queue_full += len(picked)
                 return
-            mask = self._arg("attention_mask", args, kwargs)
             if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
                 mask = torch.ones(batch, length, dtype=torch.long, device=ids.device)
-            idx = torch.tensor(rows, device=ids.device)
+            idx = torch.tensor([i * copies for i in picked], device=ids.device)
             texts = None
-            if req is not None and req.texts is not None and len(req.texts) == batch:
-                texts = [req.texts[i] for i in rows]
+            if req is not None and req.texts is not None and len(req.texts) == len(keys):
+                texts = [req.texts[i] for i in picked]
             self._local.cap = _Capture(
                 rows=idx,
                 mask=mask.detach().index_select(0, idx).clone(),
-                keys=[self.sampler.hashed_key(keys[i]) for i in rows],
+                keys=[self.sampler.hashed_key(keys[i]) for i in picked],
                 texts=texts,
                 meta={**self.metadata, **(req.meta if req is not None else {})},
                 ts=time.time(),
@@ -428,18 +465,24 @@ class Tap:
         ]
 
 
-def _is_decode_step(past_key_values: object, cache_position: object) -> bool:
-    """True for a forward that extends a non-empty KV cache (a generate() decode step)."""
-    if past_key_values is not None:
-        get_len = getattr(past_key_values, "get_seq_length", None)
+def _cache_length(values: Iterator[object]) -> int | None:
+    """Tokens held by the first KV cache among ``values``; ``None`` when there is none.
+
+    A cache is recognised by what it does, not by the argument it came in: anything (not a tensor) with a
+    callable ``get_seq_length`` (transformers' ``Cache`` classes, passed as ``cache=`` since 5.2x,
+    ``past_key_values=`` before), or a legacy tuple of per-layer ``(key, value)`` tensors.
+    """
+    for value in values:
+        if value is None or isinstance(value, torch.Tensor):
+            continue
+        get_len = getattr(value, "get_seq_length", None)
         if callable(get_len):
-            return int(get_len()) > 0
-        if isinstance(past_key_values, (tuple, list)) and past_key_values:
-            first = past_key_values[0]
-            return bool(first) and isinstance(first[0], torch.Tensor) and first[0].shape[-2] > 0
-    if isinstance(cache_position, torch.Tensor) and cache_position.numel():
-        return int(cache_position.reshape(-1)[0]) > 0
-    return False
+            return int(get_len())
+        if isinstance(value, (tuple, list)) and value and isinstance(value[0], (tuple, list)) and value[0]:
+            first = value[0][0]
+            if isinstance(first, torch.Tensor) and first.dim() == 4:
+                return int(first.shape[-2])
+    return None
 
 
 def _default_name(model: torch.nn.Module) -> str:
