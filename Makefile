@@ -3,15 +3,20 @@ export OMP_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 VENV := .venv/bin
 
-.PHONY: setup demo test lint bench
+.PHONY: setup demo test test-fast test-compat lint bench
 setup:
 	@scripts/setup
 
 demo: setup
 	$(VENV)/latentwatch demo
 
+# everything: real models, servers, brokers (~13 min on 2 cores); what CI (.ci/run) runs
 test: setup lint
 	$(VENV)/python -m pytest -q
+
+# unit tests only (no real weights, servers, subprocesses or slow tests): under a minute; run it while editing
+test-fast: setup
+	$(VENV)/python -m pytest -q -m "not model and not integration and not slow"
 
 lint: setup
 	$(VENV)/ruff check .

@@ -17,6 +17,17 @@ TEXTS = [
 ]
 
 
+# Tests that request these fixtures (directly or through another fixture) load real weights.
+MODEL_FIXTURES = {"smollm2", "minilm", "demo_run"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that loads real weights ``model``, so ``-m "not model"`` can never load them."""
+    for item in items:
+        if MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.model)
+
+
 @pytest.fixture(scope="session")
 def smollm2() -> models.LoadedModel:
     return models.load("smollm2")

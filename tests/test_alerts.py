@@ -32,6 +32,7 @@ def test_committed_rules_are_what_the_generator_writes(tmp_path):
     assert crd["kind"] == "PrometheusRule" and crd["spec"] == yaml.safe_load(RULES.read_text())
 
 
+@pytest.mark.integration
 def test_promtool_checks_and_unit_tests_pass():
     check = subprocess.run([promtool(), "check", "rules", str(RULES)], capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
@@ -56,6 +57,7 @@ def test_every_alert_is_tested_both_ways_and_has_a_runbook():
         assert "**Meaning.**" in text and "**Confirm.**" in text and "**Act.**" in text
 
 
+@pytest.mark.integration
 def test_a_broken_expectation_fails_the_unit_tests(tmp_path):
     """The unit tests compare annotations exactly: a wrong expectation is caught."""
     shutil.copy(RULES, tmp_path / "latentwatch.rules.yml")

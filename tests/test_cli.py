@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from collectors.sinks import read_file
@@ -30,6 +31,8 @@ def test_sites_for_a_decoder_marks_defaults(smollm2):
     assert "attn" not in result.output.split("┃")[-1]  # filtered by --kind
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_demo_quick_runs_end_to_end_and_alarms_after_the_shift(demo_run):
     tmp_path, result = demo_run
     assert result.exit_code == 0, result.output
@@ -83,8 +86,6 @@ def check_report_renders(report, tmp_path):
     if chromium is None:
         if os.environ.get("CI"):
             raise AssertionError("chromium is not installed (.ci/run installs it)")
-        import pytest
-
         pytest.skip("chromium not installed: apt-get install chromium")
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",

@@ -49,6 +49,7 @@ def test_sdk_round_trip_and_variables():
         assert len({p["uid"] if "uid" in p else p["title"] for p in obj["panels"]}) == len(obj["panels"])
 
 
+@pytest.mark.integration
 def test_every_panel_query_is_valid_promql(tmp_path):
     promtool = shutil.which("promtool") or pytest.fail("promtool missing: .ci/run installs prometheus")
     rules = []
@@ -79,6 +80,7 @@ class Recorder(BaseHTTPRequestHandler):
         self.wfile.write(answer)
 
 
+@pytest.mark.integration
 def test_push_sends_each_dashboard_to_the_dashboard_api():
     Recorder.requests = []
     server = ThreadingHTTPServer(("127.0.0.1", free_port()), Recorder)

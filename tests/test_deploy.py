@@ -99,6 +99,7 @@ def test_sidecar_configurations_load(tmp_path, monkeypatch):
     assert sorted(kinds) == ["file", "kafka", "kafka"]
 
 
+@pytest.mark.integration
 def test_prometheus_and_alertmanager_configurations(tmp_path):
     shutil.copy(DEPLOY / "prometheus" / "prometheus.yml", tmp_path)
     shutil.copy(ROOT / "alerts" / "latentwatch.rules.yml", tmp_path)

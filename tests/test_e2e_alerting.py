@@ -29,6 +29,8 @@ from monitor.cli import app
 from tests.kafka_broker import broker, free_port  # noqa: F401 - fixture
 from tests.test_sidecar import get, wait_for
 
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
 ROOT = Path(__file__).resolve().parents[1]
 FOR_SCALE = 0.05  # for: 2m -> 6 s, 5m -> 15 s
 DRIFT_ALERTS = ("LatentwatchConceptDrift", "LatentwatchInternalDrift", "LatentwatchConceptRateSurge")

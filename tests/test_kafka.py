@@ -94,6 +94,7 @@ def ends(b: Broker, topic: str) -> dict[int, int]:
     return out
 
 
+@pytest.mark.integration
 def test_sidecar_consumes_counts_and_dead_letters_bad_messages(broker, artifacts, tmp_path):  # noqa: F811
     from kafka import KafkaConsumer, KafkaProducer
 
@@ -131,6 +132,7 @@ def test_sidecar_consumes_counts_and_dead_letters_bad_messages(broker, artifacts
     assert b"not a record" in {c.value for c in copies}
 
 
+@pytest.mark.integration
 def test_restarted_sidecar_resumes_from_committed_offsets(broker, artifacts, tmp_path):  # noqa: F811
     from kafka.admin import KafkaAdminClient
 
@@ -171,6 +173,7 @@ def test_restarted_sidecar_resumes_from_committed_offsets(broker, artifacts, tmp
         sink.close()
 
 
+@pytest.mark.integration
 def test_two_sidecars_split_the_partitions(broker, artifacts, tmp_path):  # noqa: F811
     topic, group, total = broker.create_topic(partitions=4), f"g-{uuid.uuid4().hex}", 3000
     procs = [start_sidecar(artifacts, tmp_path / f"s{i}", broker, topic, group) for i in range(2)]
@@ -202,6 +205,7 @@ def test_two_sidecars_split_the_partitions(broker, artifacts, tmp_path):  # noqa
             assert stop(proc)[0] == 0
 
 
+@pytest.mark.integration
 def test_broker_outage_never_blocks_serving(smollm2, tmp_path):
     """Kill the broker while the model serves: the forward pass does not wait, drops are counted, and
     records flow again once a broker is back on the same address."""
@@ -270,6 +274,7 @@ def test_broker_outage_never_blocks_serving(smollm2, tmp_path):
         b.kill()
 
 
+@pytest.mark.slow  # waits out the client's connection attempts: ~5 s
 def test_unreachable_broker_is_not_fatal():
     """No broker at all: the sink counts drops, never raises; closing it does not hang."""
     port = free_port()
@@ -287,6 +292,7 @@ def test_missing_codec_is_a_clear_error():
         KafkaSink(KafkaConnection(bootstrap_servers="127.0.0.1:1", topic="t"), compression_type="brotli")
 
 
+@pytest.mark.integration
 def test_sidecar_reports_a_lost_broker_and_recovers(artifacts, tmp_path):  # noqa: F811
     b = Broker().start()
     topic = b.create_topic(partitions=1)

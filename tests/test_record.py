@@ -99,6 +99,7 @@ def test_arbitrary_bytes_never_crash(data):
         decode(data)
 
 
+@pytest.mark.slow  # 300 hypothesis examples: ~11 s here
 @settings(max_examples=300, deadline=None)
 @given(st.data())
 def test_mutated_records_fail_cleanly(data):

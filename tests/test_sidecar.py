@@ -20,6 +20,8 @@ from monitor.replay import replay
 from tests.kafka_broker import free_port
 from tests.test_analyzer import CONFIG, FP, make_records, probes
 
+pytestmark = pytest.mark.integration
+
 
 def wait_for(predicate, timeout: float = 30.0, what: str = "condition"):
     deadline = time.monotonic() + timeout
