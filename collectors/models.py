@@ -23,8 +23,10 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch loads with the model: cache_dir() and package_folder() serve processes without it
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +71,7 @@ def smollm2_folder(cache: Path | None = None) -> Path:
     target = (cache or cache_dir()) / "models" / "smollm2-135m-instruct"
     if (target / "config.json").exists() and (target / "model.safetensors").exists():
         return target
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     src = package_folder(SMOLLM2_PACKAGE)
@@ -102,6 +105,7 @@ def minilm_folder() -> Path:
 
 def load(name: str, *, attn_implementation: str = "sdpa") -> LoadedModel:
     """Load ``smollm2``, ``minilm`` or any ``transformers`` folder, in eval mode, fp32 on the CPU."""
+    import torch
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     alias = ALIASES.get(name.lower())

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
+from importlib import metadata
 from pathlib import Path
 
 import typer
@@ -15,8 +17,35 @@ app = typer.Typer(help="latentwatch: drift monitoring for the internals of deplo
 console = Console()
 
 
+def version() -> str:
+    """The installed distribution's version ("unknown" when the code runs from a checkout that is not installed)."""
+    try:
+        return metadata.version("latentwatch")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"latentwatch {version()}")
+        raise typer.Exit()
+
+
+def require(extra: str, *modules: str) -> None:
+    """Exit 2 with one line naming the extra to install when a module this command needs is missing."""
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        console.print(f"[red]error:[/red] this command needs {', '.join(missing)}: "
+                      f"pip install 'latentwatch\\[{extra}]'", soft_wrap=True)
+        raise typer.Exit(2)
+
+
 @app.callback()
-def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at INFO level.")) -> None:
+def _main(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at INFO level."),
+    show_version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                      help="Print the version and exit."),
+) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -27,6 +56,7 @@ def sites(
     kind: str = typer.Option("", help="only sites of this kind: resid or attn"),
 ) -> None:
     """List the hook sites of MODEL with the module each one hooks."""
+    require("tap", "torch", "transformers")
     from collectors import models
     from collectors.sites import available, default_sites
 
@@ -51,6 +81,7 @@ def demo(
     port: int = typer.Option(9464, help="port for /metrics while the demo runs (0: any free port)"),
 ) -> None:
     """The end-to-end run: real model, concept probes, a calibrated baseline, live traffic that shifts."""
+    require("demo", "torch", "transformers", "sklearn", "matplotlib")
     from monitor.demo import run_demo
 
     summary = run_demo(model=model, out=out, sample_rate=sample_rate, quick=quick, console=console, port=port)
@@ -131,6 +162,7 @@ def report(
     out: Path = typer.Option(Path("report.html"), help="HTML file to write"),
 ) -> None:
     """Write the HTML drift report for a recorded stream against a baseline."""
+    require("report", "matplotlib")
     from collectors.sinks import read_file
     from monitor.baseline import Baseline, BaselineError
     from monitor.probe import ProbeError, ProbeSet
@@ -182,6 +214,7 @@ def probes_train(
     search_layers: bool = typer.Option(False, help="choose among every third layer, not the default sites"),
 ) -> None:
     """Train one probe per concept spec and save it with its probe card."""
+    require("train", "torch", "transformers", "sklearn")
     from collectors import models
     from collectors.fingerprint import fingerprint
     from monitor.concepts import builtin_specs, load_spec
@@ -226,6 +259,7 @@ def probes_eval(
     model: str = typer.Option("smollm2", help="the model the probe was trained on"),
 ) -> None:
     """Score a labelled file with a probe and compare with its card; exit 1 when quality dropped."""
+    require("train", "torch", "transformers", "sklearn")
     import numpy as np
 
     from collectors import models
@@ -387,6 +421,7 @@ app.add_typer(dashboards_app, name="dashboards")
 @dashboards_app.command("build")
 def dashboards_build(out: Path = typer.Option(Path("dashboards"), help="folder for the dashboard JSON files")) -> None:
     """Write the Overview, Concepts and Internals dashboards as JSON."""
+    require("grafana", "grafana_foundation_sdk")
     from monitor import dashboards
 
     for path in dashboards.write(out):
@@ -400,6 +435,7 @@ def dashboards_push(
     folder_uid: str = typer.Option(None, help="folder to put the dashboards in"),
 ) -> None:
     """Create or overwrite the dashboards in a Grafana (grafana-client)."""
+    require("grafana", "grafana_foundation_sdk", "grafana_client")
     from monitor import dashboards
 
     try:

@@ -128,8 +128,12 @@ def load_spec(path: str | Path) -> ConceptSpec:
 
 
 def builtin_specs() -> list[ConceptSpec]:
-    """The built-in concept pack (``monitor/concept_pack/*.yaml``)."""
-    return [load_spec(p) for p in sorted(PACK_DIR.glob("*.yaml"))]
+    """The built-in concept pack (``concept_pack/*.yaml`` beside this module)."""
+    paths = sorted(PACK_DIR.glob("*.yaml"))
+    if not paths:  # an install without its package data: say so rather than train an empty pack
+        raise FileNotFoundError(f"the built-in concept pack is missing from this install ({PACK_DIR}): "
+                                "reinstall latentwatch from a complete wheel")
+    return [load_spec(p) for p in paths]
 
 
 def gather(sources: list[SourceSpec], limit: int, seed: int, base: Path | None = None) -> list[Text]:

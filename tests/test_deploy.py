@@ -133,7 +133,11 @@ def test_compose_stack_references_resolve():
     dashboards = list((ROOT / "dashboards").glob("*.json"))
     assert len(dashboards) == 3
     dockerfile = (DEPLOY / "Dockerfile").read_text()
+    stages = re.findall(r"^FROM \S+ AS (\S+)$", dockerfile, re.M)
+    for service in stack["services"].values():
+        if "build" in service:
+            assert service["build"].get("target", stages[-1]) in stages
     for line in dockerfile.splitlines():
-        if line.startswith("COPY "):
+        if line.startswith("COPY ") and "--from=" not in line:
             for src in line.split()[1:-1]:
                 assert (ROOT / src).exists(), src
