@@ -18,6 +18,10 @@ test: setup lint
 test-fast: setup
 	$(VENV)/python -m pytest -q -m "not model and not integration and not slow"
 
+# the tap tests on the lowest and the newest supported transformers, each in a throwaway clean venv
+test-compat: setup
+	scripts/test-compat
+
 lint: setup
 	$(VENV)/ruff check .
 
