@@ -51,7 +51,7 @@ def demo(
     port: int = typer.Option(9464, help="port for /metrics while the demo runs (0: any free port)"),
 ) -> None:
     """The end-to-end run: real model, concept probes, a calibrated baseline, live traffic that shifts."""
-    from monitor.demo import run_demo
+    from monitor.demo.run import run_demo
 
     summary = run_demo(model=model, out=out, sample_rate=sample_rate, quick=quick, console=console, port=port)
     console.print_json(json.dumps(summary))
@@ -62,11 +62,11 @@ def serve(
     config: Path = typer.Option(None, "--config", "-c", help="sidecar YAML (fields overridable by LATENTWATCH_*)"),
 ) -> None:
     """Run the sidecar: read records, analyze them, serve /metrics, /healthz, /readyz and POST /ingest."""
-    from monitor.baseline import BaselineError
-    from monitor.probe import ProbeError
-    from monitor.settings import ConfigError, load_settings
-    from monitor.sidecar import JsonFormatter
-    from monitor.sidecar import serve as run
+    from monitor.analysis.baseline import BaselineError
+    from monitor.probes.probe import ProbeError
+    from monitor.sidecar.service import JsonFormatter
+    from monitor.sidecar.service import serve as run
+    from monitor.sidecar.settings import ConfigError, load_settings
 
     try:
         settings = load_settings(config)
@@ -100,7 +100,7 @@ def replay(
     """Feed a recorded signature file to a running sidecar or a Kafka topic (to try alert rules, dashboards)."""
     import urllib.error
 
-    from monitor.replay import replay as run
+    from monitor.sidecar.replay import replay as run
 
     sink = None
     if kafka:
@@ -132,9 +132,9 @@ def report(
 ) -> None:
     """Write the HTML drift report for a recorded stream against a baseline."""
     from collectors.sinks import read_file
-    from monitor.baseline import Baseline, BaselineError
-    from monitor.probe import ProbeError, ProbeSet
-    from monitor.report import write_report
+    from monitor.analysis.baseline import Baseline, BaselineError
+    from monitor.ops.report import write_report
+    from monitor.probes.probe import ProbeError, ProbeSet
 
     try:
         base = Baseline.load(baseline)
@@ -184,8 +184,8 @@ def probes_train(
     """Train one probe per concept spec and save it with its probe card."""
     from collectors import models
     from collectors.fingerprint import fingerprint
-    from monitor.concepts import builtin_specs, load_spec
-    from monitor.train import pack_dir, train_specs
+    from monitor.probes.concepts import builtin_specs, load_spec
+    from monitor.probes.train import pack_dir, train_specs
 
     try:
         loaded_specs = (builtin_specs() if builtin else []) + [load_spec(p) for p in specs or []]
@@ -206,7 +206,7 @@ def probes_train(
 @probes_app.command("show")
 def probes_show(folder: Path = typer.Argument(..., help="folder of *.probe.json files")) -> None:
     """Print the probe cards of a folder."""
-    from monitor.probe import ProbeError, ProbeSet
+    from monitor.probes.probe import ProbeError, ProbeSet
 
     try:
         probe_set = ProbeSet.load_dir(folder)
@@ -229,10 +229,10 @@ def probes_eval(
     import numpy as np
 
     from collectors import models
-    from monitor.concepts import SourceSpec
-    from monitor.features import FeatureCache
-    from monitor.probe import Probe, ProbeError
-    from monitor.train import evaluate
+    from monitor.probes.activations import FeatureCache
+    from monitor.probes.concepts import SourceSpec
+    from monitor.probes.probe import Probe, ProbeError
+    from monitor.probes.train import evaluate
 
     lm = models.load(model)
     cache = FeatureCache(lm)
@@ -301,8 +301,8 @@ def baseline_build(
     from pydantic import ValidationError
 
     from collectors.sinks import FileReadStats, read_file
-    from monitor.baseline import AnalyzerConfig, Baseline, BaselineError
-    from monitor.probe import ProbeError, ProbeSet
+    from monitor.analysis.baseline import AnalyzerConfig, Baseline, BaselineError
+    from monitor.probes.probe import ProbeError, ProbeSet
 
     try:
         config = AnalyzerConfig(window=window, stride=stride, univariate=univariate,
@@ -332,7 +332,7 @@ def baseline_build(
 @baseline_app.command("show")
 def baseline_show(path: Path = typer.Argument(..., help="a baseline file")) -> None:
     """Print a baseline's detectors, thresholds and calibration."""
-    from monitor.baseline import Baseline, BaselineError
+    from monitor.analysis.baseline import Baseline, BaselineError
 
     try:
         base = Baseline.load(path)
@@ -373,8 +373,8 @@ def alerts_build(
                              help="the same rules as a Prometheus Operator PrometheusRule"),
     runbook_base: str = typer.Option(None, help="URL prefix of docs/runbooks (default: the project's)"),
 ) -> None:
-    """Write the rule file and the PrometheusRule from monitor/rules.py."""
-    from monitor import rules
+    """Write the rule file and the PrometheusRule from monitor/ops/rules.py."""
+    from monitor.ops import rules
 
     for path in rules.write(out, crd, runbook_base or rules.RUNBOOK_BASE):
         console.print(f"wrote {path}")
@@ -387,7 +387,7 @@ app.add_typer(dashboards_app, name="dashboards")
 @dashboards_app.command("build")
 def dashboards_build(out: Path = typer.Option(Path("dashboards"), help="folder for the dashboard JSON files")) -> None:
     """Write the Overview, Concepts and Internals dashboards as JSON."""
-    from monitor import dashboards
+    from monitor.ops import dashboards
 
     for path in dashboards.write(out):
         console.print(f"wrote {path}")
@@ -400,7 +400,7 @@ def dashboards_push(
     folder_uid: str = typer.Option(None, help="folder to put the dashboards in"),
 ) -> None:
     """Create or overwrite the dashboards in a Grafana (grafana-client)."""
-    from monitor import dashboards
+    from monitor.ops import dashboards
 
     try:
         answers = dashboards.push(url, token, dashboards.build_all(), folder_uid)

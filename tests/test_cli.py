@@ -45,7 +45,7 @@ def test_demo_quick_runs_end_to_end_and_alarms_after_the_shift(demo_run):
     assert "rate:scores" in summary["detection_delay_records"]
     records = list(read_file(tmp_path / "live.lwsr"))
     assert len(records) == 240
-    from monitor.baseline import Baseline
+    from monitor.analysis.baseline import Baseline
 
     assert Baseline.load(tmp_path / "baseline.safetensors").fingerprint == records[0].fingerprint
     assert "correlational" in result.output

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from collectors.record import Record
-from monitor.analyzer import Analyzer
-from monitor.baseline import Baseline
-from monitor.probe import CAVEAT, ProbeSet
+from monitor.analysis.analyzer import Analyzer
+from monitor.analysis.baseline import Baseline
+from monitor.probes.probe import CAVEAT, ProbeSet
 
 
 def _png(fig) -> str:
@@ -100,9 +100,10 @@ def build_report(records: Sequence[Record], baseline: Baseline, probes: ProbeSet
     rate_rows = ""
     if probes is not None:
         base_rates = baseline.info.get("concept_base_rates", {})
+        hit = probes.above(scores)
         for j, c in enumerate(probes.concepts):
-            before = float((scores[:split, j] >= probes.thresholds[j]).mean()) if split else float("nan")
-            after = float((scores[split:, j] >= probes.thresholds[j]).mean()) if len(scores) > split else float("nan")
+            before = float(hit[:split, j].mean()) if split else float("nan")
+            after = float(hit[split:, j].mean()) if len(scores) > split else float("nan")
             rate_rows += (f"<tr><td>{html.escape(c)}</td><td>{base_rates.get(c, float('nan')):.3f}</td>"
                           f"<td>{before:.3f}</td><td>{after:.3f}</td></tr>")
     ranking_rows = "".join(f"<tr><td>{html.escape(d)}</td><td>{html.escape(c)}</td><td>{v:+.3g}</td></tr>"

@@ -33,16 +33,16 @@ from collectors import models as model_zoo
 from collectors.fingerprint import fingerprint
 from collectors.sinks import FileSink, read_file
 from collectors.sites import default_sites
-from monitor import corpora
-from monitor.analyzer import Analyzer
-from monitor.baseline import AnalyzerConfig, Baseline
-from monitor.concepts import builtin_specs
-from monitor.features import cached_records
-from monitor.probe import CAVEAT, ProbeError, ProbeSet
-from monitor.report import write_report
-from monitor.settings import Settings, SourceConfig
-from monitor.sidecar import Sidecar, start_http
-from monitor.train import pack_dir, train_specs
+from monitor.analysis.analyzer import Analyzer
+from monitor.analysis.baseline import AnalyzerConfig, Baseline
+from monitor.ops.report import write_report
+from monitor.probes import corpora
+from monitor.probes.activations import cached_records
+from monitor.probes.concepts import builtin_specs
+from monitor.probes.probe import CAVEAT, ProbeError, ProbeSet
+from monitor.probes.train import pack_dir, train_specs
+from monitor.sidecar.service import Sidecar, start_http
+from monitor.sidecar.settings import Settings, SourceConfig
 
 MAX_TOKENS = 48
 
@@ -171,9 +171,10 @@ def run_demo(model: str, out: Path, sample_rate: float, quick: bool, console: Co
     scores = probes.score(live_records)
     write_report(out / "report.html", live_records, baseline, probes, shift_at=shift_at)
     n_before = shift_at
+    hit = probes.above(scores)
     rates = {c: {"baseline": round(baseline.info["concept_base_rates"][c], 3),
-                 "before_shift": round(float((scores[:n_before, j] >= 0.5).mean()), 3),
-                 "after_shift": round(float((scores[n_before:, j] >= 0.5).mean()), 3)}
+                 "before_shift": round(float(hit[:n_before, j].mean()), 3),
+                 "after_shift": round(float(hit[n_before:, j].mean()), 3)}
              for j, c in enumerate(probes.concepts)}
     _report(console, first_after, before, rates, analyzer, shift_at)
     summary = {
@@ -204,7 +205,7 @@ def _report(console: Console, first_after: dict[str, int], before: list, rates: 
     t.add_column("first alarm, records after shift", justify="right")
     for det, delay in sorted(first_after.items(), key=lambda kv: kv[1]):
         t.add_row(det, str(delay))
-    r = Table(title="concept rates (share of requests with probe score >= 0.5)")
+    r = Table(title="concept rates (share of requests at or above each probe's threshold)")
     for col in ("concept", "baseline", "before shift", "after shift"):
         r.add_column(col, justify="left" if col == "concept" else "right")
     for c, v in rates.items():
