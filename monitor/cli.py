@@ -1,23 +1,73 @@
-"""The ``latentwatch`` command."""
+"""The ``latentwatch`` command.
+
+User errors (a missing file, a corrupt or mismatched artifact, an invalid configuration) are one line on
+stderr and exit code 2; anything else is one line and exit code 1. ``--debug`` shows the traceback.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
+from typing import NoReturn
 
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 app = typer.Typer(help="latentwatch: drift monitoring for the internals of deployed transformer models.",
-                  no_args_is_help=True, add_completion=False)
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 console = Console()
+err_console = Console(stderr=True, highlight=False)
+
+
+def error(message: str) -> None:
+    """Print ``error: message`` on stderr, the message taken literally (no markup)."""
+    err_console.print(Text("error: ", style="red") + Text(str(message)), soft_wrap=True)
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    """A user error: one line on stderr, then exit ``code``."""
+    error(message)
+    raise typer.Exit(code)
+
+
+def warn(message: str) -> None:
+    err_console.print(Text("warning: ", style="yellow") + Text(str(message)), soft_wrap=True)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean the input is wrong, not the program (imported only when one is raised)."""
+    from collectors.record import RecordError
+    from collectors.sites import SiteError
+    from monitor.analysis.baseline import BaselineError
+    from monitor.probes.probe import ProbeError
+    from monitor.sidecar.settings import ConfigError
+
+    return (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, RecordError, SiteError,
+            BaselineError, ProbeError, ConfigError)
+
+
+def main() -> None:
+    """Console entry point: ``latentwatch``."""
+    debug = "--debug" in sys.argv[1:]
+    try:
+        app()
+    except Exception as exc:
+        if debug:
+            raise
+        user = isinstance(exc, _user_errors())
+        error(str(exc) if user else f"internal error: {type(exc).__name__}: {exc} "
+                                    "(run again with --debug for the traceback)")
+        sys.exit(2 if user else 1)
 
 
 @app.callback()
-def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at INFO level.")) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at INFO level."),
+          debug: bool = typer.Option(False, "--debug", help="Show tracebacks of errors.")) -> None:
+    logging.basicConfig(level=logging.INFO if verbose or debug else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
@@ -71,8 +121,7 @@ def serve(
     try:
         settings = load_settings(config)
     except ConfigError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from exc
+        fail(str(exc))
     handler = logging.StreamHandler()
     if settings.log_format == "json":
         handler.setFormatter(JsonFormatter())
@@ -102,24 +151,26 @@ def replay(
 
     from monitor.sidecar.replay import replay as run
 
+    if not path.is_file():
+        fail(f"{path}: no such signature file")
     sink = None
     if kafka:
         from collectors.kafka_sink import KafkaConnection, KafkaSink
 
         sink = KafkaSink(KafkaConnection(bootstrap_servers=kafka, topic=topic))
         if not sink.connected.wait(30):
-            console.print(f"[red]error:[/red] cannot reach Kafka at {kafka}: {sink.last_error}")
             sink.close()
-            raise typer.Exit(2)
+            fail(f"cannot reach Kafka at {kafka}: {sink.last_error}")
     try:
         result = run(path, url, rate, batch=batch, limit=limit, skip=skip, sink=sink)
     except (urllib.error.URLError, OSError) as exc:
-        console.print(f"[red]error:[/red] cannot reach the sidecar at {url}: {exc}")
-        raise typer.Exit(2) from exc
+        fail(f"cannot reach the sidecar at {url}: {exc}")
     finally:
         if sink is not None:
             sink.close()
     console.print_json(json.dumps(result))
+    if result["sent"] == 0 and skip == 0 and path.stat().st_size > 0:
+        fail(f"{path}: not a signature file (no readable record in {path.stat().st_size} bytes)")
 
 
 @app.command()
@@ -141,8 +192,7 @@ def report(
         probe_set = ProbeSet.load_dir(probes, fingerprint=base.fingerprint) if probes else None
         write_report(out, list(read_file(records)), base, probe_set, shift_at=shift_at)
     except (BaselineError, ProbeError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from exc
+        fail(str(exc))
     console.print(f"wrote {out}")
 
 
@@ -190,11 +240,9 @@ def probes_train(
     try:
         loaded_specs = (builtin_specs() if builtin else []) + [load_spec(p) for p in specs or []]
     except (ValueError, FileNotFoundError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from exc
+        fail(str(exc))
     if not loaded_specs:
-        console.print("[red]error:[/red] give spec files or --builtin")
-        raise typer.Exit(2)
+        fail("give spec files or --builtin")
     lm = models.load(model)
     out = out or pack_dir(fingerprint(lm.model))
     probes = train_specs(loaded_specs, lm, out, max_per_source=max_per_source, site=site,
@@ -211,8 +259,7 @@ def probes_show(folder: Path = typer.Argument(..., help="folder of *.probe.json 
     try:
         probe_set = ProbeSet.load_dir(folder)
     except ProbeError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from exc
+        fail(str(exc))
     _print_cards([p.card for p in probe_set.probes])
 
 
@@ -240,20 +287,17 @@ def probes_eval(
         p = Probe.load(probe, fingerprint=cache.fingerprint)
         rows = SourceSpec(source="file", path=str(file), text_field=text_field).load()
     except (ProbeError, ValueError, FileNotFoundError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from exc
+        fail(str(exc))
     missing = [i for i, t in enumerate(rows, 1) if label_field not in t.labels]
     if missing:
-        console.print(f"[red]error:[/red] rows {missing[:5]} have no field {label_field!r}")
-        raise typer.Exit(2)
+        fail(f"rows {missing[:5]} have no field {label_field!r}")
     labels = np.array([int(t.labels[label_field] in positive) for t in rows])
     if labels.min() == labels.max():
-        console.print(f"[red]error:[/red] need both classes; labels {positive} matched {labels.sum()} of {len(rows)}")
-        raise typer.Exit(2)
+        fail(f"need both classes; labels {positive} matched {labels.sum()} of {len(rows)}")
     result = evaluate(p, lm, cache, [t.text for t in rows], labels)
     console.print_json(json.dumps(result))
     if "warning" in result:
-        console.print(f"[yellow]warning:[/yellow] {result['warning']}")
+        warn(result['warning'])
         raise typer.Exit(1)
 
 
@@ -309,21 +353,19 @@ def baseline_build(
                                 false_alarm_every=false_alarm_budget(false_alarm_every, false_alarm_days,
                                                                      sampled_per_second))
     except ValidationError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from exc
+        fail(str(exc))
     recs, stats = [], FileReadStats()
     for path in records:
         recs += list(read_file(path, stats))
     if stats.corrupt:
-        console.print(f"[yellow]warning:[/yellow] skipped {stats.corrupt} corrupt records")
+        warn(f"skipped {stats.corrupt} corrupt records")
     try:
         probe_set = ProbeSet.load_dir(probes, fingerprint=recs[0].fingerprint if recs else None) if probes else None
         with console.status(f"calibrating {len(recs)} records for one false alarm per "
                             f"{config.false_alarm_every:,.0f} records"):
             base = Baseline.build(recs, probe_set, config)
     except (BaselineError, ProbeError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from exc
+        fail(str(exc))
     base.save(out)
     _print_baseline(base)
     console.print(f"wrote {out}")
@@ -337,8 +379,7 @@ def baseline_show(path: Path = typer.Argument(..., help="a baseline file")) -> N
     try:
         base = Baseline.load(path)
     except BaselineError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from exc
+        fail(str(exc))
     _print_baseline(base)
 
 
@@ -352,7 +393,7 @@ def _print_baseline(base) -> None:
                   f"(from {cal['simulated_alarms']} simulated alarms, "
                   f"±{100 * (cal['relative_standard_error'] or 0):.0f} %)")
     for warning in base.info.get("warnings", []):
-        console.print(f"[yellow]warning:[/yellow] {warning}")
+        warn(warning)
     table = Table()
     for col in ("detector", "threshold", "components"):
         table.add_column(col)
@@ -405,7 +446,6 @@ def dashboards_push(
     try:
         answers = dashboards.push(url, token, dashboards.build_all(), folder_uid)
     except Exception as exc:  # connection refused, 401, 412...: say which, exit 2
-        console.print(f"[red]error:[/red] pushing to {url} failed: {exc}")
-        raise typer.Exit(2) from exc
+        fail(f"pushing to {url} failed: {exc}")
     for answer in answers:
         console.print(f"{answer.get('status', 'ok')}: {answer.get('url', answer.get('uid', ''))}")

@@ -180,6 +180,7 @@ class Baseline:
         meta = json.dumps(self._meta(), sort_keys=True, allow_nan=False)
         tmp = path.with_suffix(".tmp")
         save_file(arrays, str(tmp), metadata={"latentwatch": meta, "sha256": _digest(meta, arrays)})
+        tmp.chmod(0o644)  # a sidecar container running as another user must be able to read it
         tmp.replace(path)
         return path
 
@@ -227,6 +228,10 @@ class Baseline:
     def check_probes(self, probes: ProbeSet | None) -> None:
         """Refuse a probe set other than the one the baseline was built with."""
         have = {p.concept: p.to_dict()["sha256"] for p in probes.probes} if probes else {}
+        if not have and self.probes:
+            raise BaselineError(
+                f"this baseline was built with probes {sorted(self.probes)}: give the probe folder it was built "
+                "with (--probes, or `probes:` in the sidecar configuration)")
         if have != self.probes:
             changed = sorted(c for c in set(have) & set(self.probes) if have[c] != self.probes[c])
             raise BaselineError(

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from prometheus_client import generate_latest
 from rich.console import Console, Group
 from rich.live import Live
@@ -42,7 +43,7 @@ from monitor.probes.concepts import builtin_specs
 from monitor.probes.probe import CAVEAT, ProbeError, ProbeSet
 from monitor.probes.train import pack_dir, train_specs
 from monitor.sidecar.service import Sidecar, start_http
-from monitor.sidecar.settings import Settings, SourceConfig
+from monitor.sidecar.settings import Settings, SourceConfig, load_settings
 
 MAX_TOKENS = 48
 
@@ -195,7 +196,23 @@ def run_demo(model: str, out: Path, sample_rate: float, quick: bool, console: Co
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     (out / "alarms.json").write_text(json.dumps(alarms, indent=1))
+    config_path = write_sidecar_config(out)
+    console.print(f"serve these artifacts with: latentwatch serve -c {config_path}")
     return summary
+
+
+def write_sidecar_config(out: Path) -> Path:
+    """A ready ``sidecar.yaml`` beside the demo's artifacts (absolute paths), checked by loading it."""
+    out = out.resolve()
+    path = out / "sidecar.yaml"
+    path.write_text(
+        "# Written by `latentwatch demo`: run `latentwatch serve -c THIS_FILE` to analyze the recorded live\n"
+        "# stream with the demo's baseline and probes (docs/sidecar.md has every field).\n"
+        + yaml.safe_dump({"baseline": str(out / "baseline.safetensors"), "probes": str(out / "probes"),
+                          "source": {"kind": "file", "path": str(out / "live.lwsr"), "from_start": True},
+                          "host": "127.0.0.1", "port": 9464, "log_format": "text"}, sort_keys=False))
+    load_settings(path)  # the file the demo hands out must be one the sidecar accepts
+    return path
 
 
 def _report(console: Console, first_after: dict[str, int], before: list, rates: dict, analyzer: Analyzer,
