@@ -361,8 +361,10 @@ def baseline_build(
         warn(f"skipped {stats.corrupt} corrupt records")
     try:
         probe_set = ProbeSet.load_dir(probes, fingerprint=recs[0].fingerprint if recs else None) if probes else None
-        with console.status(f"calibrating {len(recs)} records for one false alarm per "
-                            f"{config.false_alarm_every:,.0f} records"):
+        from monitor.progress import step
+
+        with step(err_console, f"calibrating {len(recs)} records for one false alarm per "
+                               f"{config.false_alarm_every:,.0f} records"):
             base = Baseline.build(recs, probe_set, config)
     except (BaselineError, ProbeError) as exc:
         fail(str(exc))

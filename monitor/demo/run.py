@@ -42,6 +42,7 @@ from monitor.probes.activations import cached_records
 from monitor.probes.concepts import builtin_specs
 from monitor.probes.probe import CAVEAT, ProbeError, ProbeSet
 from monitor.probes.train import pack_dir, train_specs
+from monitor.progress import step
 from monitor.sidecar.service import Sidecar, start_http
 from monitor.sidecar.settings import Settings, SourceConfig, load_settings
 
@@ -97,7 +98,7 @@ def run_demo(model: str, out: Path, sample_rate: float, quick: bool, console: Co
     base_texts = [t.text for t in corpora.sample(dialog, n_base // 2, seed=1) + corpora.sample(tweets, n_base // 2, 1)]
     reference = cached_records(lm, base_texts, sites, "demo-baseline", max_length=MAX_TOKENS)
     config = AnalyzerConfig(window=window, stride=stride, false_alarm_every=budget)
-    with console.status("calibrating detectors to the false-alarm budget"):
+    with step(console, "calibrating detectors to the false-alarm budget"):
         baseline = Baseline.build(reference, probes, config)
     baseline.save(out / "baseline.safetensors")
     (out / "probes").mkdir(exist_ok=True)  # the artifacts a sidecar needs, side by side (deploy/compose uses them)
@@ -155,6 +156,11 @@ def run_demo(model: str, out: Path, sample_rate: float, quick: bool, console: Co
                                    "after_shift": event.at_record - shift_at, "statistic": event.statistic,
                                    "threshold": event.threshold, "attribution": event.attribution})
                 view.update(_table(analyzer, served, shift_at))
+                if not console.is_terminal and (served % 60 < len(batch) or served == len(live)):
+                    in_alarm = [st.slot.name for st in analyzer.states if st.alarm]
+                    console.print(f"served {served}/{len(live)} requests (shift at {shift_at}); "
+                                  f"{len(alarms)} alarms so far; in alarm now: {', '.join(in_alarm) or 'none'}",
+                                  markup=False, highlight=False)
         metrics_text = generate_latest(sidecar.registry).decode()
     finally:
         tap.detach()
