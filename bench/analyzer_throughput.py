@@ -21,9 +21,9 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from collectors.record import Record
-from monitor.analyzer import Analyzer
-from monitor.baseline import AnalyzerConfig, Baseline
-from monitor.probe import Probe, ProbeSet
+from monitor.analysis.analyzer import Analyzer
+from monitor.analysis.baseline import AnalyzerConfig, Baseline
+from monitor.probes.probe import Probe, ProbeSet
 
 SITES = ["layers.9.resid", "layers.19.resid", "layers.29.resid"]
 D = 576

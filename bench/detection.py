@@ -28,12 +28,12 @@ import torch
 from collectors import models as zoo
 from collectors.fingerprint import fingerprint
 from collectors.record import Record
-from monitor import corpora
-from monitor.analyzer import Analyzer
-from monitor.baseline import AnalyzerConfig, Baseline
-from monitor.features import cached_records
-from monitor.probe import ProbeError, ProbeSet
-from monitor.train import pack_dir
+from monitor.analysis.analyzer import Analyzer
+from monitor.analysis.baseline import AnalyzerConfig, Baseline
+from monitor.probes import corpora
+from monitor.probes.activations import cached_records
+from monitor.probes.probe import ProbeError, ProbeSet
+from monitor.probes.train import pack_dir
 
 
 def run_stream(base: Baseline, probes: ProbeSet | None, stream: list[Record], after: int | None = None):

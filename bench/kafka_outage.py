@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from collectors import Tap
 from collectors import models as zoo
 from collectors.kafka_sink import KafkaConnection, KafkaSink
-from monitor import corpora
+from monitor.probes import corpora
 from tests.kafka_broker import Broker
 
 SITES = ["layers.9.resid", "layers.19.resid", "layers.29.resid"]

@@ -50,7 +50,7 @@ from threadpoolctl import threadpool_limits
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.analyzer_throughput import pack, records
 from collectors.kafka_sink import KafkaConnection, KafkaSink
-from monitor.baseline import AnalyzerConfig, Baseline
+from monitor.analysis.baseline import AnalyzerConfig, Baseline
 from tests.kafka_broker import Broker, free_port
 
 

@@ -22,7 +22,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from collectors.record import Record
-from monitor.probe import Probe, ProbeError, ProbeSet
+from monitor.probes.probe import Probe, ProbeError, ProbeSet
 
 
 def builtin_or_random(d: int = 576) -> tuple[ProbeSet, str]:

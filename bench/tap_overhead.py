@@ -34,7 +34,7 @@ import torch
 
 from collectors import QueueSink, Tap
 from collectors import models as zoo
-from monitor import corpora
+from monitor.probes import corpora
 
 CONFIGS = {
     "act_0": (0.0, False),

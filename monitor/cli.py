@@ -1,20 +1,69 @@
-"""The ``latentwatch`` command."""
+"""The ``latentwatch`` command.
+
+User errors (a missing file, a corrupt or mismatched artifact, an invalid configuration) are one line on
+stderr and exit code 2; anything else is one line and exit code 1. ``--debug`` shows the traceback.
+"""
 
 from __future__ import annotations
 
 import importlib.util
 import json
 import logging
+import sys
 from importlib import metadata
 from pathlib import Path
+from typing import NoReturn
 
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 app = typer.Typer(help="latentwatch: drift monitoring for the internals of deployed transformer models.",
-                  no_args_is_help=True, add_completion=False)
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 console = Console()
+err_console = Console(stderr=True, highlight=False)
+
+
+def error(message: str) -> None:
+    """Print ``error: message`` on stderr, the message taken literally (no markup)."""
+    err_console.print(Text("error: ", style="red") + Text(str(message)), soft_wrap=True)
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    """A user error: one line on stderr, then exit ``code``."""
+    error(message)
+    raise typer.Exit(code)
+
+
+def warn(message: str) -> None:
+    err_console.print(Text("warning: ", style="yellow") + Text(str(message)), soft_wrap=True)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean the input is wrong, not the program (imported only when one is raised)."""
+    from collectors.record import RecordError
+    from collectors.sites import SiteError
+    from monitor.analysis.baseline import BaselineError
+    from monitor.probes.probe import ProbeError
+    from monitor.sidecar.settings import ConfigError
+
+    return (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, RecordError, SiteError,
+            BaselineError, ProbeError, ConfigError)
+
+
+def main() -> None:
+    """Console entry point: ``latentwatch``."""
+    debug = "--debug" in sys.argv[1:]
+    try:
+        app()
+    except Exception as exc:
+        if debug:
+            raise
+        user = isinstance(exc, _user_errors())
+        error(str(exc) if user else f"internal error: {type(exc).__name__}: {exc} "
+                                    "(run again with --debug for the traceback)")
+        sys.exit(2 if user else 1)
 
 
 def version() -> str:
@@ -35,18 +84,17 @@ def require(extra: str, *modules: str) -> None:
     """Exit 2 with one line naming the extra to install when a module this command needs is missing."""
     missing = [m for m in modules if importlib.util.find_spec(m) is None]
     if missing:
-        console.print(f"[red]error:[/red] this command needs {', '.join(missing)}: "
-                      f"pip install 'latentwatch\\[{extra}]'", soft_wrap=True)
-        raise typer.Exit(2)
+        fail(f"this command needs {', '.join(missing)}: pip install 'latentwatch[{extra}]'")
 
 
 @app.callback()
 def _main(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at INFO level."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks of errors."),
     show_version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
                                       help="Print the version and exit."),
 ) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+    logging.basicConfig(level=logging.INFO if verbose or debug else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
@@ -82,7 +130,7 @@ def demo(
 ) -> None:
     """The end-to-end run: real model, concept probes, a calibrated baseline, live traffic that shifts."""
     require("demo", "torch", "transformers", "sklearn", "matplotlib")
-    from monitor.demo import run_demo
+    from monitor.demo.run import run_demo
 
     summary = run_demo(model=model, out=out, sample_rate=sample_rate, quick=quick, console=console, port=port)
     console.print_json(json.dumps(summary))
@@ -93,17 +141,16 @@ def serve(
     config: Path = typer.Option(None, "--config", "-c", help="sidecar YAML (fields overridable by LATENTWATCH_*)"),
 ) -> None:
     """Run the sidecar: read records, analyze them, serve /metrics, /healthz, /readyz and POST /ingest."""
-    from monitor.baseline import BaselineError
-    from monitor.probe import ProbeError
-    from monitor.settings import ConfigError, load_settings
-    from monitor.sidecar import JsonFormatter
-    from monitor.sidecar import serve as run
+    from monitor.analysis.baseline import BaselineError
+    from monitor.probes.probe import ProbeError
+    from monitor.sidecar.service import JsonFormatter
+    from monitor.sidecar.service import serve as run
+    from monitor.sidecar.settings import ConfigError, load_settings
 
     try:
         settings = load_settings(config)
     except ConfigError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from exc
+        fail(str(exc))
     handler = logging.StreamHandler()
     if settings.log_format == "json":
         handler.setFormatter(JsonFormatter())
@@ -131,26 +178,28 @@ def replay(
     """Feed a recorded signature file to a running sidecar or a Kafka topic (to try alert rules, dashboards)."""
     import urllib.error
 
-    from monitor.replay import replay as run
+    from monitor.sidecar.replay import replay as run
 
+    if not path.is_file():
+        fail(f"{path}: no such signature file")
     sink = None
     if kafka:
         from collectors.kafka_sink import KafkaConnection, KafkaSink
 
         sink = KafkaSink(KafkaConnection(bootstrap_servers=kafka, topic=topic))
         if not sink.connected.wait(30):
-            console.print(f"[red]error:[/red] cannot reach Kafka at {kafka}: {sink.last_error}")
             sink.close()
-            raise typer.Exit(2)
+            fail(f"cannot reach Kafka at {kafka}: {sink.last_error}")
     try:
         result = run(path, url, rate, batch=batch, limit=limit, skip=skip, sink=sink)
     except (urllib.error.URLError, OSError) as exc:
-        console.print(f"[red]error:[/red] cannot reach the sidecar at {url}: {exc}")
-        raise typer.Exit(2) from exc
+        fail(f"cannot reach the sidecar at {url}: {exc}")
     finally:
         if sink is not None:
             sink.close()
     console.print_json(json.dumps(result))
+    if result["sent"] == 0 and skip == 0 and path.stat().st_size > 0:
+        fail(f"{path}: not a signature file (no readable record in {path.stat().st_size} bytes)")
 
 
 @app.command()
@@ -164,17 +213,16 @@ def report(
     """Write the HTML drift report for a recorded stream against a baseline."""
     require("report", "matplotlib")
     from collectors.sinks import read_file
-    from monitor.baseline import Baseline, BaselineError
-    from monitor.probe import ProbeError, ProbeSet
-    from monitor.report import write_report
+    from monitor.analysis.baseline import Baseline, BaselineError
+    from monitor.ops.report import write_report
+    from monitor.probes.probe import ProbeError, ProbeSet
 
     try:
         base = Baseline.load(baseline)
         probe_set = ProbeSet.load_dir(probes, fingerprint=base.fingerprint) if probes else None
         write_report(out, list(read_file(records)), base, probe_set, shift_at=shift_at)
     except (BaselineError, ProbeError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from exc
+        fail(str(exc))
     console.print(f"wrote {out}")
 
 
@@ -217,17 +265,15 @@ def probes_train(
     require("train", "torch", "transformers", "sklearn")
     from collectors import models
     from collectors.fingerprint import fingerprint
-    from monitor.concepts import builtin_specs, load_spec
-    from monitor.train import pack_dir, train_specs
+    from monitor.probes.concepts import builtin_specs, load_spec
+    from monitor.probes.train import pack_dir, train_specs
 
     try:
         loaded_specs = (builtin_specs() if builtin else []) + [load_spec(p) for p in specs or []]
     except (ValueError, FileNotFoundError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from exc
+        fail(str(exc))
     if not loaded_specs:
-        console.print("[red]error:[/red] give spec files or --builtin")
-        raise typer.Exit(2)
+        fail("give spec files or --builtin")
     lm = models.load(model)
     out = out or pack_dir(fingerprint(lm.model))
     probes = train_specs(loaded_specs, lm, out, max_per_source=max_per_source, site=site,
@@ -239,13 +285,12 @@ def probes_train(
 @probes_app.command("show")
 def probes_show(folder: Path = typer.Argument(..., help="folder of *.probe.json files")) -> None:
     """Print the probe cards of a folder."""
-    from monitor.probe import ProbeError, ProbeSet
+    from monitor.probes.probe import ProbeError, ProbeSet
 
     try:
         probe_set = ProbeSet.load_dir(folder)
     except ProbeError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from exc
+        fail(str(exc))
     _print_cards([p.card for p in probe_set.probes])
 
 
@@ -263,10 +308,10 @@ def probes_eval(
     import numpy as np
 
     from collectors import models
-    from monitor.concepts import SourceSpec
-    from monitor.features import FeatureCache
-    from monitor.probe import Probe, ProbeError
-    from monitor.train import evaluate
+    from monitor.probes.activations import FeatureCache
+    from monitor.probes.concepts import SourceSpec
+    from monitor.probes.probe import Probe, ProbeError
+    from monitor.probes.train import evaluate
 
     lm = models.load(model)
     cache = FeatureCache(lm)
@@ -274,20 +319,17 @@ def probes_eval(
         p = Probe.load(probe, fingerprint=cache.fingerprint)
         rows = SourceSpec(source="file", path=str(file), text_field=text_field).load()
     except (ProbeError, ValueError, FileNotFoundError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from exc
+        fail(str(exc))
     missing = [i for i, t in enumerate(rows, 1) if label_field not in t.labels]
     if missing:
-        console.print(f"[red]error:[/red] rows {missing[:5]} have no field {label_field!r}")
-        raise typer.Exit(2)
+        fail(f"rows {missing[:5]} have no field {label_field!r}")
     labels = np.array([int(t.labels[label_field] in positive) for t in rows])
     if labels.min() == labels.max():
-        console.print(f"[red]error:[/red] need both classes; labels {positive} matched {labels.sum()} of {len(rows)}")
-        raise typer.Exit(2)
+        fail(f"need both classes; labels {positive} matched {labels.sum()} of {len(rows)}")
     result = evaluate(p, lm, cache, [t.text for t in rows], labels)
     console.print_json(json.dumps(result))
     if "warning" in result:
-        console.print(f"[yellow]warning:[/yellow] {result['warning']}")
+        warn(result['warning'])
         raise typer.Exit(1)
 
 
@@ -335,29 +377,29 @@ def baseline_build(
     from pydantic import ValidationError
 
     from collectors.sinks import FileReadStats, read_file
-    from monitor.baseline import AnalyzerConfig, Baseline, BaselineError
-    from monitor.probe import ProbeError, ProbeSet
+    from monitor.analysis.baseline import AnalyzerConfig, Baseline, BaselineError
+    from monitor.probes.probe import ProbeError, ProbeSet
 
     try:
         config = AnalyzerConfig(window=window, stride=stride, univariate=univariate,
                                 false_alarm_every=false_alarm_budget(false_alarm_every, false_alarm_days,
                                                                      sampled_per_second))
     except ValidationError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from exc
+        fail(str(exc))
     recs, stats = [], FileReadStats()
     for path in records:
         recs += list(read_file(path, stats))
     if stats.corrupt:
-        console.print(f"[yellow]warning:[/yellow] skipped {stats.corrupt} corrupt records")
+        warn(f"skipped {stats.corrupt} corrupt records")
     try:
         probe_set = ProbeSet.load_dir(probes, fingerprint=recs[0].fingerprint if recs else None) if probes else None
-        with console.status(f"calibrating {len(recs)} records for one false alarm per "
-                            f"{config.false_alarm_every:,.0f} records"):
+        from monitor.progress import step
+
+        with step(err_console, f"calibrating {len(recs)} records for one false alarm per "
+                               f"{config.false_alarm_every:,.0f} records"):
             base = Baseline.build(recs, probe_set, config)
     except (BaselineError, ProbeError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from exc
+        fail(str(exc))
     base.save(out)
     _print_baseline(base)
     console.print(f"wrote {out}")
@@ -366,13 +408,12 @@ def baseline_build(
 @baseline_app.command("show")
 def baseline_show(path: Path = typer.Argument(..., help="a baseline file")) -> None:
     """Print a baseline's detectors, thresholds and calibration."""
-    from monitor.baseline import Baseline, BaselineError
+    from monitor.analysis.baseline import Baseline, BaselineError
 
     try:
         base = Baseline.load(path)
     except BaselineError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from exc
+        fail(str(exc))
     _print_baseline(base)
 
 
@@ -386,7 +427,7 @@ def _print_baseline(base) -> None:
                   f"(from {cal['simulated_alarms']} simulated alarms, "
                   f"±{100 * (cal['relative_standard_error'] or 0):.0f} %)")
     for warning in base.info.get("warnings", []):
-        console.print(f"[yellow]warning:[/yellow] {warning}")
+        warn(warning)
     table = Table()
     for col in ("detector", "threshold", "components"):
         table.add_column(col)
@@ -407,8 +448,8 @@ def alerts_build(
                              help="the same rules as a Prometheus Operator PrometheusRule"),
     runbook_base: str = typer.Option(None, help="URL prefix of docs/runbooks (default: the project's)"),
 ) -> None:
-    """Write the rule file and the PrometheusRule from monitor/rules.py."""
-    from monitor import rules
+    """Write the rule file and the PrometheusRule from monitor/ops/rules.py."""
+    from monitor.ops import rules
 
     for path in rules.write(out, crd, runbook_base or rules.RUNBOOK_BASE):
         console.print(f"wrote {path}")
@@ -422,7 +463,7 @@ app.add_typer(dashboards_app, name="dashboards")
 def dashboards_build(out: Path = typer.Option(Path("dashboards"), help="folder for the dashboard JSON files")) -> None:
     """Write the Overview, Concepts and Internals dashboards as JSON."""
     require("grafana", "grafana_foundation_sdk")
-    from monitor import dashboards
+    from monitor.ops import dashboards
 
     for path in dashboards.write(out):
         console.print(f"wrote {path}")
@@ -436,12 +477,11 @@ def dashboards_push(
 ) -> None:
     """Create or overwrite the dashboards in a Grafana (grafana-client)."""
     require("grafana", "grafana_foundation_sdk", "grafana_client")
-    from monitor import dashboards
+    from monitor.ops import dashboards
 
     try:
         answers = dashboards.push(url, token, dashboards.build_all(), folder_uid)
     except Exception as exc:  # connection refused, 401, 412...: say which, exit 2
-        console.print(f"[red]error:[/red] pushing to {url} failed: {exc}")
-        raise typer.Exit(2) from exc
+        fail(f"pushing to {url} failed: {exc}")
     for answer in answers:
         console.print(f"{answer.get('status', 'ok')}: {answer.get('url', answer.get('uid', ''))}")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from monitor import rules
+from monitor.ops import rules
 
 ROOT = Path(__file__).resolve().parents[1]
 RULES = ROOT / "alerts" / "latentwatch.rules.yml"

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from collectors.record import Record
-from monitor.analyzer import Analyzer
-from monitor.baseline import AnalyzerConfig, Baseline, BaselineError
-from monitor.probe import Probe, ProbeSet
+from monitor.analysis.analyzer import Analyzer
+from monitor.analysis.baseline import AnalyzerConfig, Baseline, BaselineError
+from monitor.probes.probe import Probe, ProbeSet
 
 D, H = 24, 3
 FP = "sha256:" + "cd" * 16

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 from typer.testing import CliRunner
@@ -48,7 +50,7 @@ def test_demo_quick_runs_end_to_end_and_alarms_after_the_shift(demo_run):
     assert "rate:scores" in summary["detection_delay_records"]
     records = list(read_file(tmp_path / "live.lwsr"))
     assert len(records) == 240
-    from monitor.baseline import Baseline
+    from monitor.analysis.baseline import Baseline
 
     assert Baseline.load(tmp_path / "baseline.safetensors").fingerprint == records[0].fingerprint
     assert "correlational" in result.output
@@ -71,7 +73,16 @@ def test_demo_quick_runs_end_to_end_and_alarms_after_the_shift(demo_run):
             "--out", str(tmp_path / "again.html")]
     again = runner.invoke(app, args)
     assert again.exit_code == 0, again.output
-    assert (tmp_path / "again.html").read_text().count('class="plot"') == 2
+    assert (tmp_path / "again.html").read_text().count('class="plot"') == 3
+
+    # a ready sidecar configuration for the artifacts, readable by a sidecar running as another user
+    from monitor.sidecar.settings import load_settings
+
+    settings = load_settings(tmp_path / "sidecar.yaml")
+    assert settings.baseline == (tmp_path / "baseline.safetensors").resolve()
+    assert settings.source.path == (tmp_path / "live.lwsr").resolve()
+    assert f"latentwatch serve -c {(tmp_path / 'sidecar.yaml').resolve()}" in " ".join(result.output.split())
+    assert (tmp_path / "baseline.safetensors").stat().st_mode & 0o044 == 0o044
 
 
 def check_report_renders(report, tmp_path):
@@ -108,3 +119,42 @@ def test_inspect_fails_on_a_corrupt_file(tmp_path):
     path.write_bytes(b"LWSR" + b"\x01" + b"\x00" * 40)
     result = runner.invoke(app, ["inspect", str(path)])
     assert result.exit_code == 1
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    """``latentwatch ARGS`` as a user runs it (the console entry point, not typer's test runner)."""
+    return subprocess.run([sys.executable, "-m", "monitor", *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.integration  # runs the command in a subprocess
+@pytest.mark.parametrize("args, message", [
+    (["inspect", "no-such-file.lwsr"], "No such file or directory"),
+    (["replay", "no-such-file.lwsr"], "no such signature file"),
+    (["baseline", "show", "pyproject.toml"], "not a readable baseline file"),
+    (["probes", "show", "docs"], "no *.probe.json files"),
+])
+def test_user_errors_are_one_line_on_stderr_with_exit_code_2(args, message):
+    result = run_cli(*args)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("error: ") and message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr + result.stdout
+
+
+@pytest.mark.integration
+def test_replay_of_a_file_that_is_not_a_signature_file_fails(tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("these are not signatures\n" * 20)
+    result = run_cli("replay", str(text), "--url", "http://127.0.0.1:9/ingest")
+    assert result.returncode == 2
+    assert "not a signature file" in result.stderr and "sidecar" not in result.stderr
+
+
+@pytest.mark.integration
+def test_errors_print_markup_literally_and_debug_shows_the_traceback(tmp_path):
+    bad = tmp_path / "[red]sidecar.yaml"
+    bad.write_text("baseline: [unclosed\n")
+    result = run_cli("serve", "-c", str(bad))
+    assert result.returncode == 2
+    assert "[red]sidecar.yaml" in result.stderr  # not swallowed as rich markup
+    debug = run_cli("--debug", "inspect", "no-such-file.lwsr")
+    assert debug.returncode != 0 and "Traceback" in debug.stderr

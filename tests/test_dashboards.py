@@ -22,8 +22,8 @@ from grafana_foundation_sdk.cog.plugins import register_default_plugins
 from grafana_foundation_sdk.models.dashboard import Dashboard
 from typer.testing import CliRunner
 
-from monitor import dashboards
 from monitor.cli import app
+from monitor.ops import dashboards
 from tests.kafka_broker import free_port
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,8 +14,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from monitor import rules
-from monitor.settings import load_settings
+from monitor.ops import rules
+from monitor.sidecar.settings import load_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"

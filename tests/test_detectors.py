@@ -5,8 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from monitor import calibration
-from monitor.detectors import MMD, PSI, ConceptRate, KolmogorovSmirnov, MeanShift, PCAReconstructionError, Wasserstein
+from monitor.analysis import calibration
+from monitor.analysis.detectors import (
+    MMD,
+    PSI,
+    ConceptRate,
+    KolmogorovSmirnov,
+    MeanShift,
+    PCAReconstructionError,
+    Wasserstein,
+)
 
 RNG = np.random.default_rng(42)
 
@@ -107,6 +115,6 @@ def test_calibration_meets_the_budget_on_fresh_streams(ert):
 def test_stream_detector_docstring_example():
     import doctest
 
-    from monitor.detectors import base
+    from monitor.analysis.detectors import base
 
     assert doctest.testmod(base).failed == 0

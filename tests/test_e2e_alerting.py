@@ -24,8 +24,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from monitor import dashboards, rules
 from monitor.cli import app
+from monitor.ops import dashboards, rules
 from tests.kafka_broker import broker, free_port  # noqa: F401 - fixture
 from tests.test_sidecar import get, wait_for
 

@@ -24,8 +24,8 @@ import numpy as np
 import pytest
 
 from collectors.sinks import FileSink
-from monitor.baseline import Baseline
-from monitor.probe import CAVEAT
+from monitor.analysis.baseline import Baseline
+from monitor.probes.probe import CAVEAT
 from tests.kafka_broker import free_port
 from tests.test_analyzer import CONFIG, make_records, probes
 from tests.test_sidecar import get, metrics, wait_for
@@ -124,7 +124,7 @@ def test_sidecar_install_has_no_torch_transformers_or_matplotlib(install):
     # commands that need them say which extra to install, in one line
     report = installed(venv, "latentwatch", "report", "x.lwsr", "--baseline", "b.safetensors", cwd=work)
     assert report.returncode == 2
-    assert report.stdout.strip().splitlines() == ["error: this command needs matplotlib: pip install "
+    assert report.stderr.strip().splitlines() == ["error: this command needs matplotlib: pip install "
                                                   "'latentwatch[report]'"]
 
 
@@ -132,9 +132,8 @@ def test_builtin_concept_pack_is_complete(install):
     venv, _, _, work = install
     expected = sorted(p.stem for p in (ROOT / "monitor").rglob("concept_pack/*.yaml"))
     assert len(expected) >= 5
-    code = ("try:\n from monitor.probes.concepts import builtin_specs\n"
-            "except ImportError:\n from monitor.concepts import builtin_specs\n"
-            "import json; print(json.dumps(sorted(s.concept for s in builtin_specs())))")
+    code = ("import json; from monitor.probes.concepts import builtin_specs; "
+            "print(json.dumps(sorted(s.concept for s in builtin_specs())))")
     out = installed(venv, "python", "-c", code, cwd=work)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == expected

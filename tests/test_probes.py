@@ -9,10 +9,10 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 
 from collectors.fingerprint import fingerprint
-from monitor.concepts import ConceptSpec, load_spec
-from monitor.features import FeatureCache
-from monitor.probe import Probe, ProbeError, ProbeSet
-from monitor.train import _fold, _pipeline, evaluate, train_probe
+from monitor.probes.activations import FeatureCache
+from monitor.probes.concepts import ConceptSpec, load_spec
+from monitor.probes.probe import Probe, ProbeError, ProbeSet
+from monitor.probes.train import _fold, _pipeline, evaluate, train_probe
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ def test_tampered_and_mismatched_artifacts_are_refused(language_probe, tmp_path)
 
 def test_scoring_matches_sklearn_predict_proba(smollm2, cache):
     rng = np.random.default_rng(0)
-    from monitor import corpora
+    from monitor.probes import corpora
 
     texts = [t.text for t in corpora.sample(corpora.insults(), 80, seed=5)]
     labels = np.array([i % 2 for i in range(80)])
@@ -101,7 +101,7 @@ def test_probe_set_refuses_mixed_models(language_probe):
 
 
 def test_eval_warns_when_quality_drops(smollm2, cache, language_probe):
-    from monitor import corpora
+    from monitor.probes import corpora
 
     # labels unrelated to language: the probe cannot transfer
     texts = [t.text for t in corpora.sample(corpora.dialog("english"), 30, seed=9)]
@@ -115,7 +115,7 @@ def test_eval_warns_when_quality_drops(smollm2, cache, language_probe):
 
 
 def test_builtin_specs_are_valid():
-    from monitor.concepts import builtin_specs
+    from monitor.probes.concepts import builtin_specs
 
     names = {s.concept for s in builtin_specs()}
     assert {"prompt_injection", "insult", "negative_sentiment", "non_english", "health_topic"} <= names
@@ -134,8 +134,8 @@ def test_bad_spec_gives_a_clear_error(tmp_path):
 def test_probes_eval_command(language_probe, tmp_path):
     from typer.testing import CliRunner
 
-    from monitor import corpora
     from monitor.cli import app
+    from monitor.probes import corpora
 
     probe_path = language_probe.save(tmp_path / "non_english.probe.json")
     rows = [{"text": t.text, "lang": "fr"} for t in corpora.sample(corpora.dialog("french"), 20, seed=21)]

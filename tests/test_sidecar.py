@@ -15,8 +15,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from collectors.sinks import FileSink
-from monitor.baseline import Baseline
-from monitor.replay import replay
+from monitor.analysis.baseline import Baseline
+from monitor.sidecar.replay import replay
 from tests.kafka_broker import free_port
 from tests.test_analyzer import CONFIG, FP, make_records, probes
 
@@ -175,7 +175,7 @@ def test_bad_config_gives_a_clear_error_and_nonzero_exit(tmp_path, artifacts):
 
 
 def test_environment_overrides_the_file(tmp_path, artifacts):
-    from monitor.settings import load_settings
+    from monitor.sidecar.settings import load_settings
 
     (tmp_path / "c.yaml").write_text(json.dumps({"baseline": "a", "port": 1, "source": {"kind": "none"}}))
     import os

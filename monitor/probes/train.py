@@ -31,9 +31,9 @@ from sklearn.preprocessing import StandardScaler
 
 from collectors.models import LoadedModel
 from collectors.sites import default_sites, find_blocks
-from monitor.concepts import ConceptSpec, gather
-from monitor.features import FeatureCache
-from monitor.probe import CAVEAT, Probe, expected_calibration_error
+from monitor.probes.activations import FeatureCache
+from monitor.probes.concepts import ConceptSpec, gather
+from monitor.probes.probe import CAVEAT, Probe, expected_calibration_error
 
 C_GRID = (0.01, 0.1, 1.0)
 

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from collectors.record import Record
-from monitor.analyzer import Analyzer
-from monitor.baseline import Baseline
-from monitor.probe import CAVEAT, ProbeSet
+from monitor.analysis.analyzer import Analyzer
+from monitor.analysis.baseline import Baseline
+from monitor.probes.probe import CAVEAT, ProbeSet
 
 
 def _png(fig) -> str:
@@ -29,6 +29,26 @@ def _png(fig) -> str:
 
     plt.close(fig)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+#: What each detector's statistic measures, for the y axis (detectors not listed say "statistic").
+STATISTIC_UNITS = {
+    "ks": "KS distance (0-1)", "psi": "PSI", "wasserstein": "W1 (baseline sd)", "mmd": "MMD² (RFF)",
+    "meanshift": "T²/k", "pca_error": "z (std. errors)", "rate": "z (std. errors)",
+}
+
+
+def time_axis(ts: np.ndarray) -> tuple[np.ndarray, str]:
+    """Record timestamps → (x values, axis label): time since the first record in s, min or h, or the
+    record number when the timestamps do not increase (a stream written with no clock)."""
+    ts = np.asarray(ts, dtype=np.float64)
+    if len(ts) < 2 or not np.isfinite(ts).all() or np.any(np.diff(ts) < 0) or ts[-1] - ts[0] <= 0:
+        return np.arange(1, len(ts) + 1, dtype=np.float64), "record number"
+    rel = ts - ts[0]
+    for limit, div, unit in ((120, 1, "s"), (7200, 60, "min"), (float("inf"), 3600, "h")):
+        if rel[-1] < limit:
+            return rel / div, f"time since first record ({unit})"
+    raise AssertionError("unreachable")
 
 
 def build_report(records: Sequence[Record], baseline: Baseline, probes: ProbeSet | None,
@@ -47,44 +67,86 @@ def build_report(records: Sequence[Record], baseline: Baseline, probes: ProbeSet
         if analyzer.states:
             history.append((analyzer._seen_valid, [st.value for st in analyzer.states]))
     names = [st.slot.name for st in analyzer.states]
+    kinds = [st.slot.kind for st in analyzer.states]
     thresholds = [st.slot.threshold for st in analyzer.states]
     split = shift_at if shift_at is not None else len(records) // 2
+    valid = [r for r in records if r.fingerprint == baseline.fingerprint]
+    # x position of the n-th valid record (the analyzer counts valid records): time when the clock allows
+    xs, xlabel = time_axis(np.array([r.ts for r in valid]))
+
+    def x_of(count: int) -> float:
+        return float(xs[min(max(count, 1), len(xs)) - 1]) if len(xs) else float(count)
+
+    shift_x = x_of(shift_at) if shift_at is not None and 0 < shift_at <= len(xs) else None
+
+    def mark(ax, alarm_xs: list[float]) -> None:
+        if shift_x is not None:
+            ax.axvline(shift_x, color="#555", ls=":", lw=1, label="shift")
+        for k, ax_x in enumerate(alarm_xs):
+            ax.axvline(ax_x, color="#d62728", lw=0.8, alpha=0.5, label="alarm" if k == 0 else None)
 
     sections = []
-    # statistic over time, one small panel per detector
+    # statistic over time, one small panel per detector, alarms marked
     if history:
-        x = np.array([h[0] for h in history])
+        x = np.array([x_of(h[0]) for h in history])
         vals = np.array([h[1] for h in history], dtype=float)
         cols = 3
         rows = -(-len(names) // cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(12, 2.4 * rows), squeeze=False)
+        fig, axes = plt.subplots(rows, cols, figsize=(12, 2.6 * rows), squeeze=False)
         for k, name in enumerate(names):
             ax = axes[k // cols][k % cols]
             ax.plot(x, vals[:, k], lw=1.2, color="#1f77b4", label="statistic")
             ax.axhline(thresholds[k], color="#d62728", ls="--", lw=1, label="threshold")
-            if shift_at is not None:
-                ax.axvline(shift_at, color="#555", ls=":", lw=1)
+            mark(ax, [x_of(e.at_record) for e in events if e.detector == name])
             ax.set_title(name, fontsize=9)
+            ax.set_xlabel(xlabel, fontsize=7)
+            ax.set_ylabel(STATISTIC_UNITS.get(kinds[k], "statistic"), fontsize=7)
             ax.tick_params(labelsize=7)
+        axes[0][0].legend(fontsize=6, loc="upper left")
         for k in range(len(names), rows * cols):
             axes[k // cols][k % cols].axis("off")
         fig.tight_layout()
-        sections.append(("Drift statistics over the stream (dashed: calibrated threshold"
-                         + ("; dotted: shift point" if shift_at is not None else "") + ")", _png(fig)))
-    # probe score distributions before / after
-    if probes is not None and records:
-        valid = [r for r in records if r.fingerprint == baseline.fingerprint]
+        sections.append(("Drift statistics over the stream (dashed: calibrated threshold; red: alarms fired"
+                         + ("; dotted: shift" if shift_at is not None else "") + ")", _png(fig)))
+    # per concept: share of hits in a sliding window over time, against the baseline's share
+    if probes is not None and valid:
         scores = probes.score(valid)
+        hit = probes.above(scores).astype(np.float64)
         k = len(probes.concepts)
-        fig, axes = plt.subplots(1, k, figsize=(3 * k, 2.6), squeeze=False)
+        w = min(baseline.config.window, len(valid))
+        cs = np.concatenate([np.zeros((1, k)), np.cumsum(hit, axis=0)])
+        rolling = (cs[w:] - cs[:-w]) / w  # [n - w + 1, k]: the window ending at record w, w+1, ...
+        base_rates = baseline.info.get("concept_base_rates", {})
+        rate_alarms = [x_of(e.at_record) for e in events if e.detector.startswith("rate:")]
+        fig, axes = plt.subplots(1, k, figsize=(3.2 * k, 2.6), squeeze=False)
+        for j, concept in enumerate(probes.concepts):
+            ax = axes[0][j]
+            ax.plot(xs[w - 1:], rolling[:, j], lw=1.2, color="#2ca02c", label=f"last {w} records")
+            if concept in base_rates:
+                ax.axhline(base_rates[concept], color="#555", ls="--", lw=1, label="baseline")
+            mark(ax, rate_alarms)
+            ax.set_ylim(0, 1)
+            ax.set_title(concept, fontsize=9)
+            ax.set_xlabel(xlabel, fontsize=7)
+            ax.set_ylabel("share of requests at or above threshold", fontsize=6)
+            ax.tick_params(labelsize=7)
+        axes[0][0].legend(fontsize=6, loc="upper left")
+        fig.tight_layout()
+        sections.append(("Concept hit share over time (sliding window; dashed: baseline share)", _png(fig)))
+        # score distributions before / after
+        fig, axes = plt.subplots(1, k, figsize=(3.2 * k, 2.6), squeeze=False)
         for j, concept in enumerate(probes.concepts):
             ax = axes[0][j]
             bins = np.linspace(0, 1, 21)
-            ax.hist(scores[:split, j], bins=bins, alpha=0.6, density=True, label="before")
-            ax.hist(scores[split:, j], bins=bins, alpha=0.6, density=True, label="after")
+            for part, label in ((scores[:split, j], "before"), (scores[split:, j], "after")):
+                if len(part):
+                    ax.hist(part, bins=bins, alpha=0.6, density=True, label=label)
+            ax.axvline(probes.thresholds[j], color="#d62728", ls="--", lw=1, label="threshold")
             ax.set_title(concept, fontsize=9)
+            ax.set_xlabel("probe score (0-1)", fontsize=7)
+            ax.set_ylabel("density", fontsize=7)
             ax.tick_params(labelsize=7)
-        axes[0][0].legend(fontsize=7)
+        axes[0][0].legend(fontsize=6)
         fig.tight_layout()
         label = "the shift" if shift_at is not None else "the middle of the stream"
         sections.append((f"Probe score distributions before and after {label}", _png(fig)))
@@ -93,16 +155,16 @@ def build_report(records: Sequence[Record], baseline: Baseline, probes: ProbeSet
         return html.escape(", ".join(f"{n} {v:+.3g}" for n, v in e.attribution[:4]))
 
     alarm_rows = "".join(
-        f"<tr><td>{html.escape(e.detector)}</td><td>{e.at_record}</td>"
+        f"<tr><td>{html.escape(e.detector)}</td><td>{e.at_record}</td><td>{x_of(e.at_record):.4g}</td>"
         f"<td>{'' if shift_at is None else e.at_record - shift_at}</td><td>{e.statistic:.4g}</td>"
         f"<td>{e.threshold:.4g}</td><td>{moved(e)}</td></tr>"
         for e in events)
     rate_rows = ""
-    if probes is not None:
+    if probes is not None and valid:
         base_rates = baseline.info.get("concept_base_rates", {})
         for j, c in enumerate(probes.concepts):
-            before = float((scores[:split, j] >= probes.thresholds[j]).mean()) if split else float("nan")
-            after = float((scores[split:, j] >= probes.thresholds[j]).mean()) if len(scores) > split else float("nan")
+            before = float(hit[:split, j].mean()) if split else float("nan")
+            after = float(hit[split:, j].mean()) if len(scores) > split else float("nan")
             rate_rows += (f"<tr><td>{html.escape(c)}</td><td>{base_rates.get(c, float('nan')):.3f}</td>"
                           f"<td>{before:.3f}</td><td>{after:.3f}</td></tr>")
     ranking_rows = "".join(f"<tr><td>{html.escape(d)}</td><td>{html.escape(c)}</td><td>{v:+.3g}</td></tr>"
@@ -121,7 +183,8 @@ window {baseline.config.window}, stride {baseline.config.stride}; false-alarm bu
 (simulated {cal.get('simulated_records_between_false_alarms') or float('nan'):,.0f}).
 {'' if shift_at is None else f'True shift at record {shift_at}; alarms before it: {false_before}.'}</p>
 {figures}
-<h2>Alarms ({len(events)})</h2><table><tr><th>detector</th><th>record</th><th>after shift</th><th>statistic</th>
+<h2>Alarms ({len(events)})</h2><table><tr><th>detector</th><th>record</th><th>{html.escape(xlabel)}</th>
+<th>after shift (records)</th><th>statistic</th>
 <th>threshold</th><th>moved most</th></tr>{alarm_rows}</table>
 <h2>What moved most at the end of the stream</h2><p>Detectors in alarm, ranked by statistic / threshold;
 per detector its largest components (concept, attention head and statistic, principal direction).</p>

@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from monitor.detectors.base import as_windows
-from monitor.detectors.projection import fit_pca, projected_energy
+from monitor.analysis.detectors.base import as_windows
+from monitor.analysis.detectors.projection import fit_pca, projected_energy
 
 
 class PCAReconstructionError:

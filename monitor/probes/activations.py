@@ -12,11 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from rich.progress import Progress
 
 from collectors import QueueSink, Tap
 from collectors.models import LoadedModel, cache_dir
 from collectors.record import Record
+from monitor.progress import progress as progress_display
 
 POOLINGS = ("mean", "last")
 
@@ -43,9 +43,8 @@ def run_texts(
     by_key: dict[str, Record] = {}
     # signatures need no logits: a causal LM computes them for the last position only (~20 % less work)
     extra = {"logits_to_keep": 1} if lm.kind == "causal-lm" else {}
-    with Tap(lm.model, sites, sink=sink, sample_rate=1.0, queue_size=4, model_name=lm.name) as tap, Progress(
-        disable=not progress, transient=True
-    ) as bar:
+    with Tap(lm.model, sites, sink=sink, sample_rate=1.0, queue_size=4, model_name=lm.name) as tap, \
+            progress_display(enabled=progress) as bar:
         task = bar.add_task(description, total=len(texts))
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]

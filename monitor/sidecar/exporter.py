@@ -10,22 +10,42 @@ Labels are bounded: ``model_name`` (one per baseline), ``detector`` (fixed by th
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import numpy as np
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
 
-if TYPE_CHECKING:
-    from monitor.sidecar import Sidecar
+from monitor.analysis.analyzer import Analyzer
+from monitor.analysis.baseline import Baseline
+from monitor.probes.probe import ProbeSet
 
 SCORE_BUCKETS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
 
 
+class MonitorState(Protocol):
+    """What the exporter reads at scrape time (the sidecar service provides it; no import of the service)."""
+
+    lock: threading.Lock
+    analyzer: Analyzer
+    baseline: Baseline
+    probes: ProbeSet | None
+    settings: Any
+    kafka: Any
+    replicas: dict[str, dict[str, int]]
+    corrupt_total: int
+    last_record_ts: float
+    score_buckets: np.ndarray
+    score_sum: np.ndarray
+
+    def window_rates(self) -> dict[str, float]: ...
+
+
 class SidecarCollector(Collector):
-    def __init__(self, sidecar: Sidecar) -> None:
+    def __init__(self, sidecar: MonitorState) -> None:
         self.sidecar = sidecar
 
     def collect(self) -> Iterator:
@@ -33,7 +53,7 @@ class SidecarCollector(Collector):
         with sc.lock:
             yield from self._collect(sc)
 
-    def _collect(self, sc: Sidecar) -> Iterator:
+    def _collect(self, sc: MonitorState) -> Iterator:
         a, base, m = sc.analyzer, sc.baseline, sc.baseline.model
         received = CounterMetricFamily("latentwatch_records_received", "Records received by the sidecar",
                                        labels=["model_name"])

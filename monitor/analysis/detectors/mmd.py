@@ -6,7 +6,7 @@ approximated with D = 128 random Fourier features φ (Rahimi & Recht), so
 ``MMD² ≈ || mean_window φ(z) − mean_reference φ(z) ||²`` costs O(D) per record and the window
 statistic is a difference of means: streaming-friendly, and cheap to calibrate by bootstrap.
 Components (attribution) are the window's mean shift along each principal direction, in standard
-errors, as for :class:`~monitor.detectors.meanshift.MeanShift`.
+errors, as for :class:`~monitor.analysis.detectors.meanshift.MeanShift`.
 
 >>> import numpy as np
 >>> rng = np.random.default_rng(0)
@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from monitor.detectors.base import as_windows
-from monitor.detectors.projection import fit_pca, project
+from monitor.analysis.detectors.base import as_windows
+from monitor.analysis.detectors.projection import fit_pca, project
 
 
 class MMD:

@@ -24,7 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from monitor.detectors.base import as_windows
+from monitor.analysis.detectors.base import as_windows
+from monitor.probes.probe import hits
 
 
 class ConceptRate:
@@ -35,7 +36,7 @@ class ConceptRate:
         self.min_rate = min_rate
 
     def transform(self, scores: np.ndarray, cache: dict | None = None) -> np.ndarray:
-        return (np.asarray(scores, dtype=np.float64) >= self.thresholds).astype(np.float64)
+        return hits(np.asarray(scores, dtype=np.float64), self.thresholds).astype(np.float64)
 
     def fit(self, reference_scores: np.ndarray) -> ConceptRate:
         rates = self.transform(reference_scores).mean(axis=0)

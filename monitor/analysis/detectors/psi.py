@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from monitor.detectors.base import Componentwise
+from monitor.analysis.detectors.base import Componentwise
 
 
 class PSI(Componentwise):

@@ -1,7 +1,7 @@
 """``latentwatch serve``: the sidecar process.
 
 It reads records from a source (tailing a file the tap's :class:`~collectors.sinks.FileSink` appends
-to, a Kafka topic as a consumer-group member (:mod:`monitor.kafka_source`), and/or ``POST /ingest``
+to, a Kafka topic as a consumer-group member (:mod:`monitor.sidecar.kafka_source`), and/or ``POST /ingest``
 with encoded records in the body), validates them, scores the probes,
 updates the analyzer and serves:
 
@@ -33,12 +33,12 @@ from threadpoolctl import threadpool_limits
 
 from collectors.record import Record
 from collectors.sinks import FileReadStats, RecordStream
-from monitor.analyzer import AlarmEvent, Analyzer
-from monitor.baseline import Baseline
-from monitor.exporter import SCORE_BUCKETS, SidecarCollector
-from monitor.kafka_source import KafkaSource
-from monitor.probe import ProbeSet
-from monitor.settings import Settings
+from monitor.analysis.analyzer import AlarmEvent, Analyzer
+from monitor.analysis.baseline import Baseline
+from monitor.probes.probe import ProbeSet
+from monitor.sidecar.exporter import SCORE_BUCKETS, SidecarCollector
+from monitor.sidecar.kafka_source import KafkaSource
+from monitor.sidecar.settings import Settings
 
 log = logging.getLogger("latentwatch.sidecar")
 MAX_INGEST_BYTES = 64 << 20
@@ -129,7 +129,7 @@ class Sidecar:
             self.score_buckets[j] += np.bincount(np.minimum(idx[:, j], len(SCORE_BUCKETS) - 1),
                                                  minlength=len(SCORE_BUCKETS))
         self.score_sum += scores.sum(axis=0)
-        above = scores >= self.probes.thresholds
+        above = self.probes.above(scores)
         w = self._recent.shape[0]
         for row in above[-w:]:
             self._recent[self._recent_n % w] = row

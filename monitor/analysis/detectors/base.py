@@ -50,7 +50,7 @@ class StreamDetector:
     """Evaluate ``detector`` on the last ``window`` observations every ``stride`` observations.
 
     >>> import numpy as np
-    >>> from monitor.detectors import KolmogorovSmirnov
+    >>> from monitor.analysis.detectors import KolmogorovSmirnov
     >>> rng = np.random.default_rng(0)
     >>> ks = KolmogorovSmirnov().fit(rng.normal(size=(2000, 1)))
     >>> stream = StreamDetector(ks, threshold=0.25, window=100, stride=10)

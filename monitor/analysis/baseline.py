@@ -2,7 +2,7 @@
 
 ``build`` takes reference records (e.g. a file written by the tap's file sink), splits them into a
 *reference* part (40 %) that the detectors compare against and a *calibration pool* (60 %) from which
-no-drift streams are resampled (:mod:`monitor.calibration`), fits every detector and sets every threshold
+no-drift streams are resampled (:mod:`monitor.analysis.calibration`), fits every detector and sets every threshold
 for the stated false-alarm budget.
 
 The file is a safetensors file (no pickle): the detectors' arrays plus a JSON metadata block (format
@@ -25,17 +25,12 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from collectors.record import Record
-from monitor import calibration, detectors, signals
-from monitor.detectors.projection import fit_pca
-from monitor.probe import ProbeSet
+from monitor.analysis import calibration, detectors, signals
+from monitor.analysis.detectors.projection import fit_pca
+from monitor.probes.probe import ProbeSet
 
 FORMAT = "latentwatch-baseline"
 VERSION = 1
-TYPES = {
-    "ks": detectors.KolmogorovSmirnov, "psi": detectors.PSI, "wasserstein": detectors.Wasserstein,
-    "mmd": detectors.MMD, "meanshift": detectors.MeanShift, "pca_error": detectors.PCAReconstructionError,
-    "rate": detectors.ConceptRate,
-}
 
 
 class BaselineError(ValueError):
@@ -64,7 +59,7 @@ class DetectorSlot:
     """One detector as the analyzer runs it."""
 
     name: str  # e.g. "mmd:layers.19.resid", "ks:scores", "ks:attn:layers.29.attn"
-    kind: str  # key of TYPES
+    kind: str  # key of detectors.REGISTRY
     family: str  # signal family it reads
     detector: Any
     components: list[str]
@@ -132,7 +127,7 @@ class Baseline:
         }
         if probes is not None:
             info["concept_base_rates"] = {
-                c: float(r) for c, r in zip(probes.concepts, (ref_sig["scores"] >= probes.thresholds).mean(0),
+                c: float(r) for c, r in zip(probes.concepts, probes.above(ref_sig["scores"]).mean(0),
                                             strict=True)}
         return cls(first.model, first.fingerprint, shapes, config, slots,
                    {p.concept: p.to_dict()["sha256"] for p in probes.probes} if probes else {}, info)
@@ -146,7 +141,7 @@ class Baseline:
             shape = shapes.get(family.split(":", 1)[1]) if ":" in family else None
             names = signals.component_names(family, shape, probes)
             for test in config.univariate:
-                det = TYPES[test]().fit(sig[family])
+                det = detectors.REGISTRY[test]().fit(sig[family])
                 slots.append(DetectorSlot(f"{test}:{family}", test, family, det, names))
         if config.concept_rates and probes is not None:
             det = detectors.ConceptRate(thresholds=probes.thresholds).fit(sig["scores"])
@@ -155,7 +150,7 @@ class Baseline:
             site = family.split(":", 1)[1]
             pca = fit_pca(sig[family], config.pca_components)  # one projection per site, shared
             for test in config.multivariate:
-                det = TYPES[test](k=config.pca_components).fit(sig[family], pca=pca)
+                det = detectors.REGISTRY[test](k=config.pca_components).fit(sig[family], pca=pca)
                 slots.append(DetectorSlot(f"{test}:{site}", test, family, det, det.component_names()))
         return slots
 
@@ -185,6 +180,7 @@ class Baseline:
         meta = json.dumps(self._meta(), sort_keys=True, allow_nan=False)
         tmp = path.with_suffix(".tmp")
         save_file(arrays, str(tmp), metadata={"latentwatch": meta, "sha256": _digest(meta, arrays)})
+        tmp.chmod(0o644)  # a sidecar container running as another user must be able to read it
         tmp.replace(path)
         return path
 
@@ -219,7 +215,7 @@ class Baseline:
                 arrays[key] = shared.setdefault(digest, arr)
             for i, d in enumerate(meta["detectors"]):
                 state = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.split("/", 1)[0] == str(i)}
-                det = TYPES[d["kind"]].from_state(state)
+                det = detectors.REGISTRY[d["kind"]].from_state(state)
                 slots.append(DetectorSlot(d["name"], d["kind"], d["family"], det, d["components"], d["threshold"]))
             shapes = {s: signals.SiteShape(v["kind"], int(v["dim"])) for s, v in meta["sites"].items()}
             return cls(meta["model"], meta["fingerprint"], shapes, AnalyzerConfig(**meta["config"]), slots,
@@ -232,6 +228,10 @@ class Baseline:
     def check_probes(self, probes: ProbeSet | None) -> None:
         """Refuse a probe set other than the one the baseline was built with."""
         have = {p.concept: p.to_dict()["sha256"] for p in probes.probes} if probes else {}
+        if not have and self.probes:
+            raise BaselineError(
+                f"this baseline was built with probes {sorted(self.probes)}: give the probe folder it was built "
+                "with (--probes, or `probes:` in the sidecar configuration)")
         if have != self.probes:
             changed = sorted(c for c in set(have) & set(self.probes) if have[c] != self.probes[c])
             raise BaselineError(

@@ -128,6 +128,15 @@ class Probe:
                                  f"the model gives {sites[self.site]}")
 
 
+
+def hits(scores: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """The one definition of a concept *hit*: a score at or above its probe's decision threshold.
+
+    Concept rates everywhere (the baseline's base rates, the rate detector, the sidecar's window rates,
+    the report and the demo) are shares of hits.
+    """
+    return np.asarray(scores) >= np.asarray(thresholds)
+
 class ProbeSet:
     """All probes of one model, scored together: one matrix product per (site, pooling)."""
 
@@ -160,6 +169,10 @@ class ProbeSet:
         if not paths:
             raise ProbeError(f"no *.probe.json files in {folder}")
         return cls([Probe.load(p, fingerprint=fingerprint, sites=sites) for p in paths])
+
+    def above(self, scores: np.ndarray) -> np.ndarray:
+        """Boolean ``[n, n_concepts]``: which scores count as a hit of their concept (see :func:`hits`)."""
+        return hits(scores, self.thresholds)
 
     def needs(self) -> dict[str, set[str]]:
         """``{site: {pooling}}`` the probes read."""

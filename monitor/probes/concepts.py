@@ -18,7 +18,7 @@ A spec is a YAML file (validated with pydantic, so a typo gets a clear message):
     sites: [layers.9.resid, layers.19.resid]   # candidates; default: every third layer
     pooling: mean                              # or last
 
-``source`` is a built-in loader from :data:`monitor.corpora.SOURCES` or ``file`` (CSV with a header,
+``source`` is a built-in loader from :data:`monitor.probes.corpora.SOURCES` or ``file`` (CSV with a header,
 or JSONL) with ``text_field`` and optional ``where`` filters on other fields.
 """
 
@@ -32,8 +32,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from monitor import corpora
-from monitor.corpora import Text
+from monitor.probes import corpora
+from monitor.probes.corpora import Text
 
 PACK_DIR = Path(__file__).parent / "concept_pack"
 

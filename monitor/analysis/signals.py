@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from collectors.record import STAT_NAMES, Record
-from monitor.probe import ProbeSet
+from monitor.probes.probe import ProbeSet
 
 
 @dataclass(frozen=True)

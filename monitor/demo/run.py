@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from prometheus_client import generate_latest
 from rich.console import Console, Group
 from rich.live import Live
@@ -33,16 +34,17 @@ from collectors import models as model_zoo
 from collectors.fingerprint import fingerprint
 from collectors.sinks import FileSink, read_file
 from collectors.sites import default_sites
-from monitor import corpora
-from monitor.analyzer import Analyzer
-from monitor.baseline import AnalyzerConfig, Baseline
-from monitor.concepts import builtin_specs
-from monitor.features import cached_records
-from monitor.probe import CAVEAT, ProbeError, ProbeSet
-from monitor.report import write_report
-from monitor.settings import Settings, SourceConfig
-from monitor.sidecar import Sidecar, start_http
-from monitor.train import pack_dir, train_specs
+from monitor.analysis.analyzer import Analyzer
+from monitor.analysis.baseline import AnalyzerConfig, Baseline
+from monitor.ops.report import write_report
+from monitor.probes import corpora
+from monitor.probes.activations import cached_records
+from monitor.probes.concepts import builtin_specs
+from monitor.probes.probe import CAVEAT, ProbeError, ProbeSet
+from monitor.probes.train import pack_dir, train_specs
+from monitor.progress import step
+from monitor.sidecar.service import Sidecar, start_http
+from monitor.sidecar.settings import Settings, SourceConfig, load_settings
 
 MAX_TOKENS = 48
 
@@ -96,7 +98,7 @@ def run_demo(model: str, out: Path, sample_rate: float, quick: bool, console: Co
     base_texts = [t.text for t in corpora.sample(dialog, n_base // 2, seed=1) + corpora.sample(tweets, n_base // 2, 1)]
     reference = cached_records(lm, base_texts, sites, "demo-baseline", max_length=MAX_TOKENS)
     config = AnalyzerConfig(window=window, stride=stride, false_alarm_every=budget)
-    with console.status("calibrating detectors to the false-alarm budget"):
+    with step(console, "calibrating detectors to the false-alarm budget"):
         baseline = Baseline.build(reference, probes, config)
     baseline.save(out / "baseline.safetensors")
     (out / "probes").mkdir(exist_ok=True)  # the artifacts a sidecar needs, side by side (deploy/compose uses them)
@@ -154,6 +156,11 @@ def run_demo(model: str, out: Path, sample_rate: float, quick: bool, console: Co
                                    "after_shift": event.at_record - shift_at, "statistic": event.statistic,
                                    "threshold": event.threshold, "attribution": event.attribution})
                 view.update(_table(analyzer, served, shift_at))
+                if not console.is_terminal and (served % 60 < len(batch) or served == len(live)):
+                    in_alarm = [st.slot.name for st in analyzer.states if st.alarm]
+                    console.print(f"served {served}/{len(live)} requests (shift at {shift_at}); "
+                                  f"{len(alarms)} alarms so far; in alarm now: {', '.join(in_alarm) or 'none'}",
+                                  markup=False, highlight=False)
         metrics_text = generate_latest(sidecar.registry).decode()
     finally:
         tap.detach()
@@ -171,9 +178,10 @@ def run_demo(model: str, out: Path, sample_rate: float, quick: bool, console: Co
     scores = probes.score(live_records)
     write_report(out / "report.html", live_records, baseline, probes, shift_at=shift_at)
     n_before = shift_at
+    hit = probes.above(scores)
     rates = {c: {"baseline": round(baseline.info["concept_base_rates"][c], 3),
-                 "before_shift": round(float((scores[:n_before, j] >= 0.5).mean()), 3),
-                 "after_shift": round(float((scores[n_before:, j] >= 0.5).mean()), 3)}
+                 "before_shift": round(float(hit[:n_before, j].mean()), 3),
+                 "after_shift": round(float(hit[n_before:, j].mean()), 3)}
              for j, c in enumerate(probes.concepts)}
     _report(console, first_after, before, rates, analyzer, shift_at)
     summary = {
@@ -194,7 +202,23 @@ def run_demo(model: str, out: Path, sample_rate: float, quick: bool, console: Co
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     (out / "alarms.json").write_text(json.dumps(alarms, indent=1))
+    config_path = write_sidecar_config(out)
+    console.print(f"serve these artifacts with: latentwatch serve -c {config_path}")
     return summary
+
+
+def write_sidecar_config(out: Path) -> Path:
+    """A ready ``sidecar.yaml`` beside the demo's artifacts (absolute paths), checked by loading it."""
+    out = out.resolve()
+    path = out / "sidecar.yaml"
+    path.write_text(
+        "# Written by `latentwatch demo`: run `latentwatch serve -c THIS_FILE` to analyze the recorded live\n"
+        "# stream with the demo's baseline and probes (docs/sidecar.md has every field).\n"
+        + yaml.safe_dump({"baseline": str(out / "baseline.safetensors"), "probes": str(out / "probes"),
+                          "source": {"kind": "file", "path": str(out / "live.lwsr"), "from_start": True},
+                          "host": "127.0.0.1", "port": 9464, "log_format": "text"}, sort_keys=False))
+    load_settings(path)  # the file the demo hands out must be one the sidecar accepts
+    return path
 
 
 def _report(console: Console, first_after: dict[str, int], before: list, rates: dict, analyzer: Analyzer,
@@ -204,7 +228,7 @@ def _report(console: Console, first_after: dict[str, int], before: list, rates: 
     t.add_column("first alarm, records after shift", justify="right")
     for det, delay in sorted(first_after.items(), key=lambda kv: kv[1]):
         t.add_row(det, str(delay))
-    r = Table(title="concept rates (share of requests with probe score >= 0.5)")
+    r = Table(title="concept rates (share of requests at or above each probe's threshold)")
     for col in ("concept", "baseline", "before shift", "after shift"):
         r.add_column(col, justify="left" if col == "concept" else "right")
     for c, v in rates.items():

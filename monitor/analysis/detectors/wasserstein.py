@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from monitor.detectors.base import Componentwise
+from monitor.analysis.detectors.base import Componentwise
 
 
 class Wasserstein(Componentwise):

@@ -34,7 +34,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from monitor.kafka_source import KafkaSourceConfig
+from monitor.sidecar.kafka_source import KafkaSourceConfig
 
 
 class SourceConfig(BaseModel):

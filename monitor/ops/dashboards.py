@@ -30,8 +30,8 @@ from grafana_foundation_sdk.models.dashboard import (
     VariableSort,
 )
 
-from monitor.probe import CAVEAT
-from monitor.rules import JOB_SELECTOR
+from monitor.ops.rules import JOB_SELECTOR
+from monitor.probes.probe import CAVEAT
 
 DS = DataSourceRef(type_val="prometheus", uid="${datasource}")
 M = 'model_name=~"$model_name"'

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from collectors.record import Record
-from monitor import signals
-from monitor.baseline import Baseline, DetectorSlot
-from monitor.probe import ProbeSet
+from monitor.analysis import signals
+from monitor.analysis.baseline import Baseline, DetectorSlot
+from monitor.probes.probe import ProbeSet
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ class Analyzer:
         n = int(finite.sum())
         if "scores" in sig:
             self.last_scores = sig["scores"]
-            self.concept_hits += (sig["scores"] >= self.probes.thresholds).sum(axis=0)
+            self.concept_hits += self.probes.above(sig["scores"]).sum(axis=0)
             self.scored_total += n
         cache: dict = {}  # detectors of one site share its PCA projection
         rows = [st.slot.detector.transform(sig[st.slot.family], cache) for st in self._ensure_states(sig)]
