@@ -103,8 +103,8 @@ def check_report_renders(report, tmp_path):
              f"--user-data-dir={tmp_path / 'chromium'}"]
     dom = subprocess.run([chromium, *flags, "--dump-dom", report.as_uri()], capture_output=True, text=True,
                          timeout=120).stdout
-    assert dom.count('class="plot"') == 2  # statistics over time, score distributions
-    assert dom.count("data:image/png;base64,") == 2
+    assert dom.count('class="plot"') == 3  # statistics over time, concept hit share over time, score distributions
+    assert dom.count("data:image/png;base64,") == 3
     shot = tmp_path / "report.png"
     subprocess.run([chromium, *flags, "--window-size=1280,1600", f"--screenshot={shot}", report.as_uri()],
                    capture_output=True, timeout=120)
