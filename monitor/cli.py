@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import typer
@@ -89,7 +90,9 @@ def serve(
 @app.command()
 def replay(
     path: Path = typer.Argument(..., help="a recorded signature file"),
-    url: str = typer.Option("http://127.0.0.1:9464/ingest", help="the sidecar's ingest URL"),
+    url: str = typer.Option("http://127.0.0.1:9465/ingest", help="the sidecar's ingest URL (ingest.port)"),
+    token_file: Path = typer.Option(None, help="file with the sidecar's ingest bearer token "
+                                               "(default: $LATENTWATCH_INGEST_TOKEN)"),
     rate: float = typer.Option(0.0, help="records per second (0: as fast as possible)"),
     batch: int = typer.Option(100, help="records per request"),
     limit: int = typer.Option(None, help="stop after this many records"),
@@ -100,8 +103,16 @@ def replay(
     """Feed a recorded signature file to a running sidecar or a Kafka topic (to try alert rules, dashboards)."""
     import urllib.error
 
+    from monitor.sidecar.replay import ReplayError
     from monitor.sidecar.replay import replay as run
 
+    token = os.environ.get("LATENTWATCH_INGEST_TOKEN")
+    if token_file is not None:
+        try:
+            token = token_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            console.print(f"[red]error:[/red] cannot read the token file {token_file}: {exc.strerror}")
+            raise typer.Exit(2) from exc
     sink = None
     if kafka:
         from collectors.kafka_sink import KafkaConnection, KafkaSink
@@ -112,7 +123,10 @@ def replay(
             sink.close()
             raise typer.Exit(2)
     try:
-        result = run(path, url, rate, batch=batch, limit=limit, skip=skip, sink=sink)
+        result = run(path, url, rate, batch=batch, limit=limit, skip=skip, sink=sink, token=token)
+    except ReplayError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
     except (urllib.error.URLError, OSError) as exc:
         console.print(f"[red]error:[/red] cannot reach the sidecar at {url}: {exc}")
         raise typer.Exit(2) from exc

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from collectors.record import Record
-from monitor.analysis import signals
+from monitor.analysis import plausibility, signals
 from monitor.analysis.baseline import Baseline, DetectorSlot
 from monitor.probes.probe import ProbeSet
 
@@ -113,7 +113,13 @@ class Analyzer:
             sig = signals.select(sig, finite)
             if not finite.any():
                 return []
-        n = int(finite.sum())
+        plausible = plausibility.plausible_rows(sig, self.baseline.info.get(plausibility.INFO_KEY, {}))
+        if not plausible.all():  # finite but far beyond the baseline: one such row must not blind a detector
+            self.stats.invalid_total["implausible"] += int((~plausible).sum())
+            sig = signals.select(sig, plausible)
+            if not plausible.any():
+                return []
+        n = int(plausible.sum())
         if "scores" in sig:
             self.last_scores = sig["scores"]
             self.concept_hits += self.probes.above(sig["scores"]).sum(axis=0)
@@ -140,8 +146,6 @@ class Analyzer:
             idx = (self._pos + np.arange(take)) % self.window
             for st, r in zip(self.states, rows, strict=True):
                 new = r[i : i + take]
-                if st.total is not None:
-                    st.total += new.sum(axis=0) - st.buffer[idx].sum(axis=0)
                 st.buffer[idx] = new
             self._pos = (self._pos + take) % self.window
             self._filled = min(self.window, self._filled + take)
@@ -154,11 +158,11 @@ class Analyzer:
     def _evaluate(self) -> list[AlarmEvent]:
         self.stats.evaluations_total += 1
         fired = []
-        exact = self.stats.evaluations_total % 1000 == 0  # re-sum now and then: no float drift over months
         for st in self.states:
             if st.total is not None:
-                if exact:
-                    st.total = st.buffer.sum(axis=0)
+                # summed afresh at every evaluation (pairwise, O(window x width)): a running sum loses the
+                # small values' digits after one huge row passes through it, for as long as it keeps running
+                st.total = st.buffer.sum(axis=0)
                 value = float(st.slot.detector.statistic_from_mean((st.total / self.window)[None], self.window)[0])
             else:
                 value = float(st.slot.detector.statistic(st.buffer[None])[0])

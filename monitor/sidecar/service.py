@@ -23,25 +23,24 @@ import os
 import signal
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
 from threadpoolctl import threadpool_limits
 
-from collectors.record import Record
+from collectors.record import PREFIX, Record, RecordError, decode, frame_length
 from collectors.sinks import FileReadStats, RecordStream
 from monitor.analysis.analyzer import AlarmEvent, Analyzer
 from monitor.analysis.baseline import Baseline
 from monitor.probes.probe import ProbeSet
 from monitor.sidecar.exporter import SCORE_BUCKETS, SidecarCollector
+from monitor.sidecar.http import HttpServers, describe
 from monitor.sidecar.kafka_source import KafkaSource
 from monitor.sidecar.settings import Settings
 
 log = logging.getLogger("latentwatch.sidecar")
-MAX_INGEST_BYTES = 64 << 20
 
 
 class JsonFormatter(logging.Formatter):
@@ -83,10 +82,19 @@ class FileTail:
         return self._stream.feed(data)
 
 
+def baseline_checksum(path: Path) -> str:
+    """The SHA-256 a baseline file carries (verified by ``Baseline.load``): identifies the baseline."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as f:
+        return str((f.metadata() or {}).get("sha256", ""))
+
+
 class Sidecar:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.baseline = Baseline.load(settings.baseline)
+        self.baseline_sha256 = baseline_checksum(settings.baseline)
         self.probes = (ProbeSet.load_dir(settings.probes, fingerprint=self.baseline.fingerprint)
                        if settings.probes else None)
         self.analyzer = Analyzer(self.baseline, self.probes)
@@ -108,8 +116,10 @@ class Sidecar:
         self.stop = threading.Event()
 
     # ---------------------------------------------------------------- ingestion
-    def ingest(self, records: list[Record], corrupt: int = 0) -> list[AlarmEvent]:
-        """Analyze records (in batches); returns the alarms that fired."""
+    def ingest(self, records: list[Record], corrupt: int = 0, counts: dict[str, int] | None = None
+               ) -> list[AlarmEvent]:
+        """Analyze records (in batches); returns the alarms that fired. ``counts["invalid"]`` (when given)
+        receives how many of them the analyzer refused."""
         fired: list[AlarmEvent] = []
         with self.lock:
             self.corrupt_total += corrupt
@@ -117,7 +127,11 @@ class Sidecar:
             batch = records[i : i + self.settings.batch_size]
             with self.lock:  # per batch: a scrape waits for one batch at most
                 before = self.analyzer.scored_total
+                invalid_before = sum(self.analyzer.stats.invalid_total.values())
                 fired += self.analyzer.update(batch)
+                if counts is not None:
+                    counts["invalid"] = (counts.get("invalid", 0)
+                                         + sum(self.analyzer.stats.invalid_total.values()) - invalid_before)
                 if self.probes is not None and self.analyzer.scored_total > before:
                     self._account_scores(self.analyzer.last_scores)
                 self._account_tap(batch)
@@ -159,6 +173,38 @@ class Sidecar:
                 with contextlib.suppress(ValueError):  # a malformed counter is ignored, not fatal
                     counters[key] = max(counters.get(key, 0), int(rec.meta.get(meta_key, "0")))
 
+    def ingest_body(self, data: bytes) -> tuple[int, dict[str, Any]]:
+        """``POST /ingest``: records back to back. All or nothing: a body with a malformed record (400) or a
+        record of another model (422) is refused whole, with the reason; otherwise every record is analyzed
+        (those the analyzer refuses -- wrong sites or dims, non-finite or implausible values -- are counted
+        by reason). Returns (HTTP status, JSON answer)."""
+        records: list[Record] = []
+        pos, view = 0, memoryview(data)
+        fp = self.baseline.fingerprint
+        try:
+            while pos < len(data):
+                total = frame_length(bytes(view[pos : pos + PREFIX.size]))
+                if pos + total > len(data):
+                    raise RecordError(f"record announces {total} bytes, the body has {len(data) - pos} left")
+                records.append(decode(view[pos : pos + total]))
+                pos += total
+                if len(records) > self.settings.ingest.max_records_per_body:
+                    return 413, {"error": f"more than {self.settings.ingest.max_records_per_body} records in one "
+                                          "body (ingest.max_records_per_body)", "accepted": 0}
+        except RecordError as exc:
+            with self.lock:
+                self.corrupt_total += 1
+            return 400, {"error": f"record {len(records)} at byte {pos}: {exc}", "accepted": 0}
+        foreign = next((i for i, r in enumerate(records) if r.fingerprint != fp), None)
+        if foreign is not None:
+            with self.lock:
+                self.analyzer.stats.invalid_total["fingerprint"] += 1
+            return 422, {"error": f"record {foreign} is of another model than the baseline's", "accepted": 0}
+        counts: dict[str, int] = {}
+        self.ingest(records, counts=counts)
+        refused = counts.get("invalid", 0)
+        return 200, {"accepted": len(records) - refused, "corrupt": 0, "invalid": refused}
+
     def poll_once(self) -> int:
         if self.kafka is not None:
             return self.kafka.poll(self.ingest)  # waits up to poll_timeout_seconds for messages
@@ -199,59 +245,9 @@ class Sidecar:
                 "alarms": {st.slot.name: st.alarms_total for st in a.states if st.alarms_total}}
 
 
-def _handler(sidecar: Sidecar) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        server_version = "latentwatch"
-
-        def log_message(self, fmt: str, *args: Any) -> None:  # access logs at debug level only
-            log.debug("%s %s", self.address_string(), fmt % args)
-
-        def _send(self, code: int, body: bytes, ctype: str = "text/plain; charset=utf-8") -> None:
-            self.send_response(code)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def do_GET(self) -> None:
-            path = self.path.split("?", 1)[0]
-            if path == "/metrics":
-                self._send(200, generate_latest(sidecar.registry), CONTENT_TYPE_LATEST)
-            elif path == "/healthz":
-                self._send(200, b"ok\n")
-            elif path == "/readyz":
-                ok = sidecar.ready()
-                self._send(200 if ok else 503, b"ready\n" if ok else b"source not readable\n")
-            else:
-                self._send(404, b"not found\n")
-
-        def do_POST(self) -> None:
-            if self.path.split("?", 1)[0] != "/ingest":
-                self._send(404, b"not found\n")
-                return
-            try:
-                length = int(self.headers.get("Content-Length", "0"))
-            except ValueError:
-                length = -1
-            if not 0 <= length <= MAX_INGEST_BYTES:
-                self._send(413, b"body must have a Content-Length of at most 64 MiB\n")
-                return
-            stream = RecordStream()
-            records = stream.feed(self.rfile.read(length))
-            corrupt = stream.stats.corrupt + (1 if stream.pending_bytes else 0)
-            sidecar.ingest(records, corrupt)
-            body = json.dumps({"accepted": len(records), "corrupt": corrupt}).encode()
-            self._send(200, body, "application/json")
-
-    return Handler
-
-
-def start_http(sidecar: Sidecar) -> ThreadingHTTPServer:
-    """Serve the sidecar's endpoints from a background thread; ``server.shutdown()`` stops it."""
-    server = ThreadingHTTPServer((sidecar.settings.host, sidecar.settings.port), _handler(sidecar))
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, name="latentwatch-http", daemon=True).start()
-    return server
+def start_http(sidecar: Sidecar) -> HttpServers:
+    """Start the scrape listener (and the ingest listener when enabled); ``.shutdown()`` stops them."""
+    return HttpServers(sidecar)
 
 
 def serve(settings: Settings) -> int:
@@ -259,13 +255,12 @@ def serve(settings: Settings) -> int:
     threadpool_limits(settings.threads)  # process-wide: the analysis runs on small matrices
     sidecar = Sidecar(settings)
     server = start_http(sidecar)
-    host, port = server.server_address[:2]
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: sidecar.stop.set())
     source = threading.Thread(target=sidecar.run_source, name="latentwatch-source", daemon=True)
     source.start()
-    log.info("serving model %s on http://%s:%s (baseline %s, %d detectors, probes: %s, pid %d)",
-             sidecar.baseline.model, host, port, settings.baseline, len(sidecar.baseline.slots),
+    log.info("serving model %s on %s (baseline %s, %d detectors, probes: %s, pid %d)",
+             sidecar.baseline.model, describe(server), settings.baseline, len(sidecar.baseline.slots),
              ", ".join(sidecar.probes.concepts) if sidecar.probes else "none", os.getpid())
     started = time.monotonic()
     while not sidecar.stop.wait(1.0):
@@ -276,7 +271,6 @@ def serve(settings: Settings) -> int:
         sidecar.close_source()
     except Exception:
         log.exception("closing the source failed")
-    server.shutdown()
-    server.server_close()
+    server.stop()
     log.info("stopped after %.0f s: %s", time.monotonic() - started, json.dumps(sidecar.summary()))
     return 0
