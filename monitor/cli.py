@@ -65,7 +65,7 @@ def serve(
     """Run the sidecar: read records, analyze them, serve /metrics, /healthz, /readyz and POST /ingest."""
     from monitor.analysis.baseline import BaselineError
     from monitor.probes.probe import ProbeError
-    from monitor.sidecar.service import JsonFormatter
+    from monitor.sidecar.service import JsonFormatter, install_excepthooks
     from monitor.sidecar.service import serve as run
     from monitor.sidecar.settings import ConfigError, load_settings
 
@@ -78,6 +78,7 @@ def serve(
     if settings.log_format == "json":
         handler.setFormatter(JsonFormatter())
     logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+    install_excepthooks()
     logging.getLogger("kafka").setLevel(logging.WARNING)  # kafka-python logs every connection at INFO
     try:
         code = run(settings)

@@ -134,7 +134,7 @@ def run_demo(model: str, out: Path, sample_rate: float, quick: bool, console: Co
     alarms: list[dict[str, Any]] = []
     lm.tokenizer.padding_side = "left"
     tap = Tap(lm.model, sites, sink=queue_sink, sample_rate=sample_rate, model_name=lm.name,
-              metadata={"replica": "demo-0"}).attach()
+              metadata={"replica": "demo-0"}, salt=b"latentwatch-demo").attach()  # reproducible demo sampling
     try:
         with Live(_table(analyzer, 0, shift_at), console=console, refresh_per_second=4) as view:
             for start in range(0, len(live), 8):

@@ -44,14 +44,38 @@ log = logging.getLogger("latentwatch.sidecar")
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per log line (``ts``, ``level``, ``logger``, ``msg``)."""
+    """One JSON object per log line (``ts``, ``level``, ``logger``, ``msg``); an exception travels as fields
+    (``exc_type``, ``exc``: the traceback as one string), never as extra lines."""
 
     def format(self, record: logging.LogRecord) -> str:
-        out = {"ts": round(record.created, 3), "level": record.levelname.lower(), "logger": record.name,
-               "msg": record.getMessage()}
-        if record.exc_info:
+        out: dict[str, Any] = {"ts": round(record.created, 3), "level": record.levelname.lower(),
+                               "logger": record.name, "msg": record.getMessage()}
+        if record.exc_info and record.exc_info[0] is not None:
+            out["exc_type"] = record.exc_info[0].__name__
             out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out)
+        if record.stack_info:
+            out["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(out, default=str)
+
+
+def install_excepthooks() -> None:
+    """Uncaught exceptions (main thread or any other) go through logging, so JSON logs stay one object a line."""
+    import sys
+
+    crash = logging.getLogger("latentwatch.crash")
+
+    def main_hook(exc_type: type[BaseException], exc: BaseException, tb: Any) -> None:
+        crash.critical("uncaught exception", exc_info=(exc_type, exc, tb))
+
+    def thread_hook(args: threading.ExceptHookArgs) -> None:
+        if args.exc_type is SystemExit:
+            return
+        name = args.thread.name if args.thread is not None else "?"
+        crash.error("uncaught exception in thread %s", name,
+                    exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+
+    sys.excepthook = main_hook
+    threading.excepthook = thread_hook
 
 
 class FileTail:
