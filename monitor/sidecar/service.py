@@ -31,11 +31,11 @@ from prometheus_client import CollectorRegistry
 from threadpoolctl import threadpool_limits
 
 from collectors.record import PREFIX, Record, RecordError, decode, frame_length
-from collectors.sinks import FileReadStats, RecordStream
 from monitor.analysis.analyzer import AlarmEvent, Analyzer
 from monitor.analysis.baseline import Baseline
 from monitor.probes.probe import ProbeSet
 from monitor.sidecar.exporter import SCORE_BUCKETS, SidecarCollector
+from monitor.sidecar.file_source import FileTail
 from monitor.sidecar.http import HttpServers, describe
 from monitor.sidecar.kafka_source import KafkaSource
 from monitor.sidecar.settings import Settings
@@ -76,34 +76,6 @@ def install_excepthooks() -> None:
 
     sys.excepthook = main_hook
     threading.excepthook = thread_hook
-
-
-class FileTail:
-    """Follow a growing signature file; survives truncation or replacement (log rotation)."""
-
-    def __init__(self, path: Path, from_start: bool = True) -> None:
-        self.path = path
-        self.stats = FileReadStats()
-        self._stream = RecordStream(self.stats)
-        self._pos = path.stat().st_size if (not from_start and path.exists()) else 0
-        self._inode = path.stat().st_ino if path.exists() else None
-
-    def readable(self) -> bool:
-        return self.path.parent.exists()
-
-    def poll(self, limit: int = 1 << 24) -> list[Record]:
-        if not self.path.exists():
-            return []
-        st = self.path.stat()
-        if st.st_ino != self._inode or st.st_size < self._pos:  # rotated or truncated: start over
-            self._inode, self._pos, self._stream = st.st_ino, 0, RecordStream(self.stats)
-        if st.st_size == self._pos:
-            return []
-        with self.path.open("rb") as f:
-            f.seek(self._pos)
-            data = f.read(limit)
-        self._pos += len(data)
-        return self._stream.feed(data)
 
 
 def baseline_checksum(path: Path) -> str:
