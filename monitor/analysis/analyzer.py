@@ -211,3 +211,40 @@ class Analyzer:
         if self.probes is None or not self.scored_total:
             return {}
         return {c: float(h / self.scored_total) for c, h in zip(self.probes.concepts, self.concept_hits, strict=True)}
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> tuple[dict, dict[str, np.ndarray]]:
+        """Everything a restart needs to continue exactly: (JSON-ready fields, arrays)."""
+        meta = {"records_total": self.stats.records_total, "invalid_total": dict(self.stats.invalid_total),
+                "evaluations_total": self.stats.evaluations_total, "filled": self._filled, "pos": self._pos,
+                "seen_valid": self._seen_valid, "scored_total": self.scored_total,
+                "detectors": [{"name": st.slot.name, "value": st.value if np.isfinite(st.value) else None,
+                               "alarm": st.alarm, "alarms_total": st.alarms_total,
+                               "last_fired_at": st.last_fired_at, "mean_based": st.total is not None}
+                              for st in self.states]}
+        arrays = {f"detector/{i}": st.buffer for i, st in enumerate(self.states)}
+        arrays["concept_hits"] = np.asarray(self.concept_hits, dtype=np.float64)
+        return meta, arrays
+
+    def load_state_dict(self, meta: dict, arrays: dict[str, np.ndarray]) -> None:
+        """Inverse of :meth:`state_dict` (for the same baseline: the caller checks its checksum)."""
+        names = [slot.name for slot in self.baseline.slots]
+        if meta["detectors"] and [d["name"] for d in meta["detectors"]] != names:
+            raise ValueError("checkpoint detectors do not match the baseline's")
+        states = []
+        for i, (slot, d) in enumerate(zip(self.baseline.slots, meta["detectors"], strict=False)):
+            buffer = np.array(arrays[f"detector/{i}"], dtype=np.float64)
+            if buffer.shape[0] != self.window:
+                raise ValueError(f"checkpoint window {buffer.shape[0]} != baseline window {self.window}")
+            st = DetectorState(slot, buffer, np.zeros(buffer.shape[1]) if d["mean_based"] else None)
+            st.value = float("nan") if d["value"] is None else float(d["value"])
+            st.alarm, st.alarms_total, st.last_fired_at = bool(d["alarm"]), int(d["alarms_total"]), d["last_fired_at"]
+            states.append(st)
+        self.states = states
+        self.stats.records_total = int(meta["records_total"])
+        self.stats.invalid_total = Counter({k: int(v) for k, v in meta["invalid_total"].items()})
+        self.stats.evaluations_total = int(meta["evaluations_total"])
+        self._filled, self._pos, self._seen_valid = int(meta["filled"]), int(meta["pos"]), int(meta["seen_valid"])
+        self.scored_total = int(meta["scored_total"])
+        if len(self.concept_hits):
+            self.concept_hits = np.array(arrays["concept_hits"], dtype=np.float64)

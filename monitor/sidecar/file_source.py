@@ -67,56 +67,69 @@ class FileTail:
         self.stats = FileReadStats()
         self.rotations_followed = 0
         self.truncations = 0
-        self.lost_files = 0  # rotated away (deleted) before they could be read
+        self.lost_files = 0  # a file read before a restart was rotated away (deleted) meanwhile
         self._stream = RecordStream(self.stats)
         self._f: BinaryIO | None = None
         self._ident: tuple[int, int] | None = None
         self._fed = 0  # bytes of the open file handed to the stream
-        self._queue: list[BinaryIO] = []  # rotated files to read before the live one, oldest first
         self._mark = b""
         self._last_ts: float | None = None  # timestamp of the newest record read (finds newer files on restore)
+        self._read_all = False  # nothing read yet and nothing to skip: the first files found are all new
         if position is not None:
             self._last_ts = position.get("last_ts")
             self._restore(position)
         elif self.path.exists():
-            self._open(self.path, 0 if from_start else self.path.stat().st_size)
+            self._open_path(0 if from_start else self.path.stat().st_size)
+        else:
+            self._read_all = True  # the file appears later: whatever it (and its rotations) hold is new
 
     # ------------------------------------------------------------------ files
-    def _backups(self) -> list[tuple[int, Path]]:
+    def _backups(self) -> list[Path]:
+        """Rotated files, oldest (highest index) first."""
         pattern = re.compile(re.escape(self.path.name) + r"\.(\d+)$")
-        out = []
+        found = []
         with os.scandir(self.path.parent) as entries:
             for e in entries:
                 m = pattern.match(e.name)
                 if m:
-                    out.append((int(m.group(1)), Path(e.path)))
-        return sorted(out, reverse=True)  # oldest (highest index) first
+                    found.append((int(m.group(1)), Path(e.path)))
+        return [p for _, p in sorted(found, reverse=True)]
 
-    def _newer_than(self, ident: tuple[int, int] | None, head: bytes | None = None,
-                    after_ts: float | None = None) -> list[BinaryIO]:
-        """Open the rotated files written after the file ``ident`` (with first bytes ``head``), oldest first;
-        if it is gone (deleted past ``backups``), those whose first record is newer than ``after_ts``."""
-        backups = self._backups()
-        found = None
-        for i, (_, p) in enumerate(backups):
+    def _next_after(self, ident: tuple[int, int] | None, head: bytes | None, after_ts: float | None
+                    ) -> BinaryIO | None:
+        """Open the file written right after the file ``ident`` (with first bytes ``head``): the next newer
+        backup, else the live file. If that file is not among the backups (deleted past ``backups``, or
+        ``ident`` None), the oldest file whose first record is newer than ``after_ts`` (any, if None)."""
+        for _ in range(20):  # the writer may rotate while we look: retry until a consistent view
+            listing = []
+            for p in [*self._backups(), self.path]:
+                try:
+                    listing.append((p, _ident(p.stat())))
+                except FileNotFoundError:
+                    continue
+            pos = next((i for i, (p, idt) in enumerate(listing)
+                        if idt == ident and (not head or _head(p, len(head)) == head)), None)
+            if pos is not None:
+                candidates = listing[pos + 1 :]
+            elif after_ts is not None:
+                candidates = [(p, idt) for p, idt in listing if (ts := _first_ts(p)) is None or ts > after_ts]
+            else:
+                candidates = listing
+            if not candidates:
+                return None
+            p, idt = candidates[0]
             try:
-                if _ident(p.stat()) == ident and (head is None or _head(p) == head):
-                    found = i
+                f = open(p, "rb")  # noqa: SIM115 - closed by _close
             except FileNotFoundError:
                 continue
-        if found is None and after_ts is not None:
-            backups = [(i, p) for i, p in backups if (ts := _first_ts(p)) is None or ts > after_ts]
-        files = []
-        for _, p in backups[(found + 1) if found is not None else 0 :]:
-            try:
-                files.append(open(p, "rb"))  # noqa: SIM115 - closed when read
-            except FileNotFoundError:
-                self.lost_files += 1
-        return files
+            if _ident(os.fstat(f.fileno())) == idt:
+                return f
+            f.close()  # renamed between the listing and the open: look again
+        return None
 
-    def _open(self, path: Path, offset: int) -> None:
+    def _open_path(self, offset: int) -> None:
         try:
-            f = open(path, "rb")  # noqa: SIM115 - closed by _close
+            f = open(self.path, "rb")  # noqa: SIM115 - closed by _close
         except FileNotFoundError:
             return
         self._set(f, offset)
@@ -146,37 +159,41 @@ class FileTail:
         offset = int(position["offset"])
         mark = bytes.fromhex(position.get("mark", ""))
         head = bytes.fromhex(position.get("head", ""))
-        try:
-            live = self.path.stat()
-        except FileNotFoundError:
-            live = None
-        if live is not None and _ident(live) == ident and _head(self.path, len(head)) == head:
-            self._open(self.path, offset)
-        else:  # rotated while we were stopped: find it among the backups, then read the newer ones
-            candidates = [p for _, p in self._backups()
-                          if p.exists() and _ident(p.stat()) == ident and _head(p, len(head)) == head]
-            last = position.get("last_ts")
-            newer = self._newer_than(ident, head, after_ts=float(last) if last is not None else None)
-            if candidates:
-                self._set(open(candidates[0], "rb"), offset)  # noqa: SIM115 - closed by _close
-                self._queue = newer
-            else:
-                log.warning("%s: the file read before the restart is gone (rotated away); reading what remains",
-                            self.path)
-                self.lost_files += 1
-                self._queue = newer
-                self._next_file()
-                return
-        if self._f is not None and self._mark != mark:  # not the bytes we stopped after: truncated meanwhile
-            self.truncations += 1
-            self._set(self._f, 0)
+        for p in [self.path, *reversed(self._backups())]:  # the live file, then the newest backups first
+            try:
+                if _ident(p.stat()) != ident or _head(p, len(head)) != head:
+                    continue
+                f = open(p, "rb")  # noqa: SIM115 - closed by _close
+            except FileNotFoundError:
+                continue
+            if _ident(os.fstat(f.fileno())) != ident:
+                f.close()
+                continue
+            self._set(f, offset)
+            if self._mark != mark:  # not the bytes we stopped after: truncated meanwhile
+                self.truncations += 1
+                self._set(f, 0)
+            return
+        log.warning("%s: the file read before the restart is gone (rotated away); reading what followed it",
+                    self.path)
+        self.lost_files += 1
+        f = self._next_after(None, None, self._last_ts)
+        if f is not None:
+            self._set(f, 0)
 
-    def _next_file(self) -> None:
+    def _advance(self) -> bool:
+        """The open file is finished (renamed away and read to its end): open the next one. True if it did."""
+        ident, head = self._ident, self._head_of_open()
+        f = self._next_after(ident, head, self._last_ts)  # looked up while ours is still open (its inode pinned)
+        if f is None:
+            return False
         self._close()
-        if self._queue:
-            self._set(self._queue.pop(0), 0)
-        else:
-            self._open(self.path, 0)
+        self._set(f, 0)
+        self.rotations_followed += 1
+        return True
+
+    def _head_of_open(self) -> bytes:
+        return os.pread(self._f.fileno(), HEAD, 0) if self._f is not None else b""
 
     # ------------------------------------------------------------------ reading
     def readable(self) -> bool:
@@ -197,46 +214,40 @@ class FileTail:
         out: list[Record] = []
         for _ in range(64):  # bounded: at most this many file switches per poll
             if self._f is None:
-                self._next_file()
+                f = self._next_after(None, None, None if self._read_all else self._last_ts) if (
+                    self._read_all or self._last_ts is not None) else None
+                if f is not None:
+                    self._set(f, 0)
+                else:
+                    self._open_path(0)
                 if self._f is None:
                     return out
+                self._read_all = False
             if self._truncated():
                 self.truncations += 1
                 log.warning("%s: truncated; reading it again from the start", self.path)
-                self._close()
-                self._set(open(self.path, "rb"), 0)  # noqa: SIM115 - closed by _close
+                self._set(self._f, 0)
             data = self._f.read(limit)
             if data:
                 self._fed += len(data)
                 out += self._stream.feed(data)
-                self._remember_mark()
+                self._mark = os.pread(self._f.fileno(), MARK, self._fed - MARK) if self._fed >= MARK else b""
                 if out:
                     self._last_ts = max(r.ts for r in out)
                 return out
-            if self._queue:  # a rotated file read to its end: the next newer one
-                self._next_file()
-                self.rotations_followed += 1
-                continue
             try:
-                st = self.path.stat()
+                live = _ident(self.path.stat())
             except FileNotFoundError:
-                return out  # between a rename and the new file: next poll
-            if _ident(st) == self._ident:
-                return out  # nothing new
-            # renamed away: read what it got before the rename (until it stays at its end), then every newer
-            # file in order
-            data = self._f.read(limit)
-            if data:
-                self._fed += len(data)
-                out += self._stream.feed(data)
-                self._remember_mark()
+                live = None
+            if live == self._ident or live is None:
+                return out  # nothing new (or between a rename and the new file: next poll)
+            # ours was renamed away and is read to its end: the file written after it, in order
+            if not self._advance():
                 return out
-            self._queue = self._newer_than(self._ident)
-            self.rotations_followed += 1
-            self._next_file()
         return out
 
     def _truncated(self) -> bool:
+        """Our file (still the live one) was truncated, possibly regrown: the bytes before our position changed."""
         if self._f is None:
             return False
         try:
@@ -251,10 +262,6 @@ class FileTail:
             return os.pread(self._f.fileno(), MARK, self._fed - MARK) != self._mark
         return False
 
-    def _remember_mark(self) -> None:
-        assert self._f is not None
-        self._mark = os.pread(self._f.fileno(), MARK, self._fed - MARK) if self._fed >= MARK else b""
-
     def __enter__(self) -> FileTail:
         return self
 
@@ -263,6 +270,3 @@ class FileTail:
 
     def close(self) -> None:
         self._close()
-        for f in self._queue:
-            f.close()
-        self._queue = []

@@ -34,6 +34,7 @@ from collectors.record import PREFIX, Record, RecordError, decode, frame_length
 from monitor.analysis.analyzer import AlarmEvent, Analyzer
 from monitor.analysis.baseline import Baseline
 from monitor.probes.probe import ProbeSet
+from monitor.sidecar import checkpoint
 from monitor.sidecar.exporter import SCORE_BUCKETS, SidecarCollector
 from monitor.sidecar.file_source import FileTail
 from monitor.sidecar.http import HttpServers, describe
@@ -103,13 +104,71 @@ class Sidecar:
         self.score_sum = np.zeros(k)
         self._recent = np.zeros((self.baseline.config.window, k), dtype=bool)
         self._recent_n = 0
-        self.tail = FileTail(settings.source.path, settings.source.from_start) if (
+        self.restored = False  # state and position came from a checkpoint
+        self._last_checkpoint = time.monotonic()
+        position = self._restore() if settings.checkpoint.path else None
+        self.tail = FileTail(settings.source.path, settings.source.from_start,
+                             position=(position or {}).get("file")) if (
             settings.source.kind == "file" and settings.source.path) else None
-        self.kafka = (KafkaSource(settings.source.kafka, self.baseline.fingerprint)
+        self.kafka = (KafkaSource(settings.source.kafka, self.baseline.fingerprint,
+                                  resume=(position or {}).get("kafka"))
                       if settings.source.kind == "kafka" and settings.source.kafka else None)
         self.registry = CollectorRegistry()
         self.registry.register(SidecarCollector(self))
         self.stop = threading.Event()
+
+    # ---------------------------------------------------------------- checkpoints
+    def _restore(self) -> dict[str, Any] | None:
+        loaded = checkpoint.load(self.settings.checkpoint.path, self.baseline_sha256)
+        if loaded is None:
+            return None
+        meta, arrays = loaded
+        try:
+            self.analyzer.load_state_dict(meta["analyzer"], {k.split("/", 1)[1]: v for k, v in arrays.items()
+                                                             if k.startswith("analyzer/")})
+            sc = meta["sidecar"]
+            self.replicas = {r: {k: int(v) for k, v in c.items()} for r, c in sc["replicas"].items()}
+            self.corrupt_total = int(sc["corrupt_total"])
+            self.last_record_ts = float(sc["last_record_ts"])
+            self._recent_n = int(sc["recent_n"])
+            if self.probes is not None:
+                self.score_buckets = np.array(arrays["sidecar/score_buckets"], dtype=np.int64)
+                self.score_sum = np.array(arrays["sidecar/score_sum"], dtype=np.float64)
+                self._recent = np.array(arrays["sidecar/recent"], dtype=bool)
+        except (KeyError, ValueError, TypeError) as exc:
+            log.warning("checkpoint %s does not fit (%s); starting with empty windows", self.settings.checkpoint.path,
+                        exc)
+            self.analyzer = Analyzer(self.baseline, self.probes)
+            return None
+        self.restored = True
+        log.info("restored drift state from %s: %d records, %d evaluations, alarms active: %s",
+                 self.settings.checkpoint.path, self.analyzer.stats.records_total,
+                 self.analyzer.stats.evaluations_total,
+                 ", ".join(st.slot.name for st in self.analyzer.states if st.alarm) or "none")
+        return meta.get("source") or {}
+
+    def checkpoint(self) -> None:
+        """Write the state and the source position (from the source thread, between batches)."""
+        path = self.settings.checkpoint.path
+        if path is None:
+            return
+        with self.lock:
+            ameta, aarrays = self.analyzer.state_dict()
+            arrays = {f"analyzer/{k}": np.array(v) for k, v in aarrays.items()}
+            arrays["sidecar/score_buckets"] = self.score_buckets.copy()
+            arrays["sidecar/score_sum"] = self.score_sum.copy()
+            arrays["sidecar/recent"] = self._recent.astype(np.uint8)
+            meta = {"analyzer": ameta,
+                    "sidecar": {"replicas": self.replicas, "corrupt_total": self.corrupt_total,
+                                "last_record_ts": self.last_record_ts, "recent_n": self._recent_n},
+                    "source": {"file": self.tail.position() if self.tail is not None else None,
+                               "kafka": self.kafka.positions() if self.kafka is not None else None}}
+            meta = json.loads(json.dumps(meta))  # a copy, taken under the lock
+        try:
+            checkpoint.save(path, self.baseline_sha256, meta, arrays)
+        except OSError as exc:
+            log.warning("cannot write checkpoint %s: %s", path, exc)
+        self._last_checkpoint = time.monotonic()
 
     # ---------------------------------------------------------------- ingestion
     def ingest(self, records: list[Record], corrupt: int = 0, counts: dict[str, int] | None = None
@@ -216,7 +275,10 @@ class Sidecar:
     def run_source(self) -> None:
         while not self.stop.is_set():
             try:
-                if self.poll_once() == 0 and self.kafka is None:
+                n = self.poll_once()
+                if time.monotonic() - self._last_checkpoint >= self.settings.checkpoint.interval_seconds:
+                    self.checkpoint()
+                if n == 0 and self.kafka is None:
                     self.stop.wait(self.settings.source.poll_seconds)
             except Exception:
                 log.exception("source poll failed; retrying")
@@ -262,11 +324,14 @@ def serve(settings: Settings) -> int:
     while not sidecar.stop.wait(1.0):
         pass
     log.info("shutting down: draining the source")
+    if server.ingest is not None:
+        server.ingest.stop()  # no new bodies; those in flight finish
     source.join(timeout=10)
     try:
         sidecar.close_source()
     except Exception:
         log.exception("closing the source failed")
+    sidecar.checkpoint()
     server.stop()
     log.info("stopped after %.0f s: %s", time.monotonic() - started, json.dumps(sidecar.summary()))
     return 0

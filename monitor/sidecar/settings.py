@@ -99,6 +99,14 @@ class HttpConfig(BaseModel):
     shutdown_seconds: float = Field(10.0, gt=0, le=120, description="in-flight requests get this long at SIGTERM")
 
 
+class CheckpointConfig(BaseModel):
+    """Drift state that survives restarts (monitor/sidecar/checkpoint.py); off without a path."""
+
+    model_config = ConfigDict(extra="forbid")
+    path: Path | None = Field(None, description="checkpoint file on a writable volume, e.g. /state/latentwatch.ckpt")
+    interval_seconds: float = Field(10.0, gt=0, le=3600, description="how often it is written (and at SIGTERM)")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LATENTWATCH_", env_nested_delimiter="__", extra="forbid")
 
@@ -115,6 +123,7 @@ class Settings(BaseSettings):
     log_format: Literal["json", "text"] = "json"
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings],
