@@ -70,7 +70,10 @@ class SidecarCollector(Collector):
         dropped = CounterMetricFamily("latentwatch_tap_dropped", "Sampled requests the tap dropped, as last reported; "
                                       "stage=queue: its worker was behind, stage=transport: the sink (broker) was",
                                       labels=["model_name", "replica", "stage"])
+        now, ttl = time.time(), getattr(sc.settings, "replica_ttl_seconds", float("inf"))
         for replica, counters in sorted(sc.replicas.items()):
+            if now - counters.get("seen_at", now) > ttl:
+                continue  # stale: expired (and dropped at the next batch)
             sampled.add_metric([m, replica], counters.get("sampled", 0))
             dropped.add_metric([m, replica, "queue"], counters.get("dropped", 0))
             dropped.add_metric([m, replica, "transport"], counters.get("sink_dropped", 0))

@@ -16,7 +16,6 @@ a final summary is logged, and the process exits 0.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -212,21 +211,38 @@ class Sidecar:
         return {c: float(r) for c, r in zip(self.probes.concepts, rates, strict=True)}
 
     def _account_tap(self, batch: list[Record]) -> None:
-        """Newest record time, and each replica's cumulative tap counters (from its newest record)."""
+        """Newest record time, and each replica's tap counters from its records' metadata.
+
+        The counters are cumulative in the tap; a value lower than the last one seen means the tap
+        restarted (its counter began again at 0): the new value is added, not compared with an old maximum,
+        so drops after a restart show at once. A record timestamp in the future counts as its receive time
+        (a skewed clock must not pin the lag at zero). Replicas not heard from for ``replica_ttl_seconds``
+        are dropped from the export."""
         fp = self.baseline.fingerprint
-        newest: dict[str, Record] = {}
+        now = time.time()
         for rec in batch:
-            if rec.fingerprint == fp:
-                newest[rec.meta.get("replica", "unknown")] = rec
-        for replica, rec in newest.items():
-            self.last_record_ts = max(self.last_record_ts, rec.ts)
+            if rec.fingerprint != fp:
+                continue
+            self.last_record_ts = max(self.last_record_ts, min(rec.ts, now))
+            replica = rec.meta.get("replica", "unknown")
             if replica not in self.replicas and len(self.replicas) >= self.settings.max_replicas:
                 replica = "other"
             counters = self.replicas.setdefault(replica, {})
+            counters["seen_at"] = int(now)
             for key, meta_key in (("sampled", "tap_sampled"), ("dropped", "tap_dropped"),
                                   ("sink_dropped", "sink_dropped")):
-                with contextlib.suppress(ValueError):  # a malformed counter is ignored, not fatal
-                    counters[key] = max(counters.get(key, 0), int(rec.meta.get(meta_key, "0")))
+                try:
+                    value = int(rec.meta.get(meta_key, "0"))
+                except ValueError:  # a malformed counter is ignored, not fatal
+                    continue
+                if value < 0:
+                    continue
+                last = counters.get(f"{key}_last", 0)
+                counters[key] = counters.get(key, 0) + (value - last if value >= last else value)
+                counters[f"{key}_last"] = value
+        ttl = self.settings.replica_ttl_seconds
+        for replica in [r for r, c in self.replicas.items() if now - c.get("seen_at", now) > ttl]:
+            del self.replicas[replica]
 
     def ingest_body(self, data: bytes) -> tuple[int, dict[str, Any]]:
         """``POST /ingest``: records back to back. All or nothing: a body with a malformed record (400) or a

@@ -117,6 +117,8 @@ class Settings(BaseSettings):
     port: int = Field(9464, ge=0, le=65535)
     batch_size: int = Field(512, ge=1, le=100_000)
     max_replicas: int = Field(64, ge=1, le=10_000, description="cap on distinct `replica` label values")
+    replica_ttl_seconds: float = Field(3600, gt=0, description="a replica not heard from for this long is "
+                                                                "dropped from the tap metrics")
     attribution_top: int = Field(5, ge=1, le=20)
     threads: int = Field(1, ge=1, le=64, description="BLAS threads for the analysis; scale out with replicas "
                                                       "(more threads mostly spin on small matrices)")
