@@ -191,11 +191,13 @@ def frame_length(prefix: bytes) -> int:
     """Total encoded length announced by a record's first 16 bytes (used to read streams)."""
     if len(prefix) < PREFIX.size:
         raise RecordError(f"truncated record: {len(prefix)} bytes, need at least {PREFIX.size}")
-    magic, version, _flags, _res, hlen, plen = PREFIX.unpack_from(prefix)
+    magic, version, flags, reserved, hlen, plen = PREFIX.unpack_from(prefix)
     if magic != MAGIC:
         raise RecordError(f"bad magic {magic!r}: not a latentwatch record")
     if version != VERSION:
         raise RecordError(f"unsupported record format version {version} (this build reads {VERSION})")
+    if flags or reserved:  # zero in version 1: anything else is a torn or foreign write, not a length to wait for
+        raise RecordError(f"reserved prefix bytes are not zero (flags {flags}, reserved {reserved})")
     if hlen > MAX_HEADER or plen > MAX_PAYLOAD:
         raise RecordError(f"record announces {hlen} header / {plen} payload bytes, over the limits")
     return PREFIX.size + hlen + plen + 4

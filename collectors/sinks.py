@@ -74,27 +74,69 @@ class QueueSink:
         pass
 
 
+DEFAULT_MAX_BYTES = 256 << 20  # with DEFAULT_BACKUPS: at most 1 GiB on disk, half the shipped 2 GiB emptyDir
+DEFAULT_BACKUPS = 3
+
+
 class FileSink:
     """Append encoded records to a file (the format of :mod:`collectors.record`, back to back).
 
-    Used for replay and for building baselines. ``half=True`` stores arrays as float16 (half the size).
-    Each ``flush`` hands the bytes to the OS; ``fsync=True`` also forces them to disk.
+    Used by the tap beside a sidecar, for replay and for building baselines. ``half=True`` stores arrays as
+    float16 (half the size). Each ``flush`` hands the bytes to the OS; ``fsync=True`` also forces them to disk.
+
+    **Rotation** by size and count: before a record would take the file past ``max_bytes``, the file is
+    renamed ``<path>.1`` (``.1`` → ``.2`` …, the oldest beyond ``backups`` deleted) and a new one started, at
+    a record boundary. Disk use is at most ``(backups + 1) * max_bytes`` plus one record (docs/sidecar.md:
+    sizing). The sidecar's file source follows the renames by file identity. ``max_bytes=None`` never rotates
+    (a recording for a baseline or a replay).
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, half: bool = False, fsync: bool = False) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, half: bool = False, fsync: bool = False,
+                 max_bytes: int | None = DEFAULT_MAX_BYTES, backups: int = DEFAULT_BACKUPS) -> None:
+        if max_bytes is not None and max_bytes < 1024:
+            raise ValueError(f"max_bytes must be at least 1024, got {max_bytes}")
+        if backups < 0:
+            raise ValueError(f"backups must be >= 0, got {backups}")
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._f = open(self.path, "ab")  # noqa: SIM115 - closed by close()
+        self._size = self._f.tell()
         self._lock = threading.Lock()
         self.half = half
         self.fsync = fsync
+        self.max_bytes = max_bytes
+        self.backups = backups
         self.written = 0
+        self.rotations = 0
+
+    def backup_path(self, i: int) -> Path:
+        return self.path.with_name(f"{self.path.name}.{i}")
 
     def write(self, record: Record) -> None:
         data = encode(record, half=self.half)
         with self._lock:
+            if self.max_bytes is not None and self._size and self._size + len(data) > self.max_bytes:
+                self._rotate()
             self._f.write(data)
+            self._size += len(data)
             self.written += 1
+
+    def _rotate(self) -> None:
+        self._f.flush()
+        if self.fsync:
+            os.fsync(self._f.fileno())
+        self._f.close()
+        if self.backups == 0:
+            self.path.unlink(missing_ok=True)
+        else:
+            self.backup_path(self.backups).unlink(missing_ok=True)
+            for i in range(self.backups - 1, 0, -1):
+                if self.backup_path(i).exists():
+                    os.replace(self.backup_path(i), self.backup_path(i + 1))
+            os.replace(self.path, self.backup_path(1))
+        self._f = open(self.path, "ab")  # noqa: SIM115 - closed by close()
+        self._size = 0
+        self.rotations += 1
 
     def flush(self) -> None:
         with self._lock:
@@ -144,6 +186,21 @@ class RecordStream:
     def pending_bytes(self) -> int:
         return len(self._buf)
 
+    def _torn(self, buf: bytes, pos: int) -> bool:
+        """An incomplete record that a complete, valid record follows was torn (its writer stopped mid-write
+        and later records were appended): skip it now instead of waiting for bytes that will never come."""
+        nxt = buf.find(self._SYNC, pos + 1)
+        while nxt >= 0:
+            try:
+                total = frame_length(buf[nxt : nxt + PREFIX.size])
+                if len(buf) - nxt < total:
+                    return False
+                decode(buf[nxt : nxt + total])
+                return True
+            except RecordError:
+                nxt = buf.find(self._SYNC, nxt + 1)
+        return False
+
     def feed(self, data: bytes) -> list[Record]:
         buf = self._buf + data
         out: list[Record] = []
@@ -152,6 +209,8 @@ class RecordStream:
             try:
                 total = frame_length(buf[pos : pos + PREFIX.size])
                 if len(buf) - pos < total:
+                    if self._torn(buf, pos):
+                        raise RecordError("torn record: a complete record starts inside it")
                     break  # wait for the rest of this record
                 rec = decode(buf[pos : pos + total])
             except RecordError as exc:

@@ -53,7 +53,7 @@ import torch
 from collectors import attention
 from collectors.fingerprint import fingerprint
 from collectors.record import _META_KEY, Record
-from collectors.sampling import Sampler
+from collectors.sampling import Sampler, deployment_salt
 from collectors.signature import attention_heads, pool_activations
 from collectors.sinks import Sink
 from collectors.sites import Site, SiteError, default_sites, resolve
@@ -115,7 +115,8 @@ class Tap:
         queue_size: captures waiting for the worker; beyond it sampled requests are dropped and counted.
         keep_text: copy request texts given to :meth:`request` into records. Off by default: raw text
             never leaves the serving process unless the operator turns this on.
-        salt: key for hashing request keys (set the same salt on every replica for consistent sampling).
+        salt: key for hashing request keys; default ``$LATENTWATCH_TAP_SALT`` (one secret per deployment: every
+            replica samples the same keys), else random per process (see :func:`~collectors.sampling.deployment_salt`).
     """
 
     def __init__(
@@ -129,12 +130,12 @@ class Tap:
         metadata: Mapping[str, str] | None = None,
         queue_size: int = 32,
         keep_text: bool = False,
-        salt: bytes = b"latentwatch",
+        salt: bytes | str | None = None,
     ) -> None:
         self.model = model
         self.site_names = list(sites) if sites else default_sites(model)
         self.sink = sink
-        self.sampler = Sampler(sample_rate, salt)
+        self.sampler = Sampler(sample_rate, deployment_salt(salt))
         self.model_name = model_name or _default_name(model)
         self.keep_text = keep_text
         self.stats = TapStats()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import os
 import sys
 from importlib import metadata
 from pathlib import Path
@@ -143,7 +144,7 @@ def serve(
     """Run the sidecar: read records, analyze them, serve /metrics, /healthz, /readyz and POST /ingest."""
     from monitor.analysis.baseline import BaselineError
     from monitor.probes.probe import ProbeError
-    from monitor.sidecar.service import JsonFormatter
+    from monitor.sidecar.service import JsonFormatter, install_excepthooks
     from monitor.sidecar.service import serve as run
     from monitor.sidecar.settings import ConfigError, load_settings
 
@@ -155,6 +156,7 @@ def serve(
     if settings.log_format == "json":
         handler.setFormatter(JsonFormatter())
     logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+    install_excepthooks()
     logging.getLogger("kafka").setLevel(logging.WARNING)  # kafka-python logs every connection at INFO
     try:
         code = run(settings)
@@ -167,7 +169,9 @@ def serve(
 @app.command()
 def replay(
     path: Path = typer.Argument(..., help="a recorded signature file"),
-    url: str = typer.Option("http://127.0.0.1:9464/ingest", help="the sidecar's ingest URL"),
+    url: str = typer.Option("http://127.0.0.1:9465/ingest", help="the sidecar's ingest URL (ingest.port)"),
+    token_file: Path = typer.Option(None, help="file with the sidecar's ingest bearer token "
+                                               "(default: $LATENTWATCH_INGEST_TOKEN)"),
     rate: float = typer.Option(0.0, help="records per second (0: as fast as possible)"),
     batch: int = typer.Option(100, help="records per request"),
     limit: int = typer.Option(None, help="stop after this many records"),
@@ -178,10 +182,17 @@ def replay(
     """Feed a recorded signature file to a running sidecar or a Kafka topic (to try alert rules, dashboards)."""
     import urllib.error
 
+    from monitor.sidecar.replay import ReplayError
     from monitor.sidecar.replay import replay as run
 
     if not path.is_file():
         fail(f"{path}: no such signature file")
+    token = os.environ.get("LATENTWATCH_INGEST_TOKEN")
+    if token_file is not None:
+        try:
+            token = token_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            fail(f"cannot read the token file {token_file}: {exc.strerror}")
     sink = None
     if kafka:
         from collectors.kafka_sink import KafkaConnection, KafkaSink
@@ -191,7 +202,9 @@ def replay(
             sink.close()
             fail(f"cannot reach Kafka at {kafka}: {sink.last_error}")
     try:
-        result = run(path, url, rate, batch=batch, limit=limit, skip=skip, sink=sink)
+        result = run(path, url, rate, batch=batch, limit=limit, skip=skip, sink=sink, token=token)
+    except ReplayError as exc:
+        fail(str(exc))
     except (urllib.error.URLError, OSError) as exc:
         fail(f"cannot reach the sidecar at {url}: {exc}")
     finally:

@@ -42,10 +42,12 @@ def produce(sink: KafkaSink, n: int, seed: int, replicas: int = 8, **shift) -> N
     sink.flush()
 
 
-def start_sidecar(artifacts: Path, folder: Path, b: Broker, topic: str, group: str, **kafka):  # noqa: F811
+def start_sidecar(artifacts: Path, folder: Path, b: Broker, topic: str, group: str,  # noqa: F811
+                  checkpoint: dict | None = None, **kafka):
     folder.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    config = {"baseline": str(artifacts / "baseline.safetensors"), "probes": str(artifacts / "probes"),
+    config = {**({"checkpoint": checkpoint} if checkpoint else {}),
+              "baseline": str(artifacts / "baseline.safetensors"), "probes": str(artifacts / "probes"),
               "port": port, "source": {"kind": "kafka", "kafka": {
                   "bootstrap_servers": b.bootstrap, "topic": topic, "group_id": group, "commit_interval_seconds": 0.2,
                   "poll_timeout_seconds": 0.2, **GROUP_TIMEOUTS, **kafka}}}

@@ -48,9 +48,8 @@ def metrics(port: int) -> dict[str, list]:
     return {f.name: f for f in text_string_to_metric_families(text)}
 
 
-@pytest.fixture(scope="module")
-def artifacts(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("sidecar")
+def make_artifacts(folder: Path) -> Path:
+    """A baseline and its probes in ``folder`` (the test models of tests/test_analyzer.py)."""
     pset = probes()
     (folder / "probes").mkdir()
     for p in pset.probes:
@@ -60,11 +59,23 @@ def artifacts(tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    return make_artifacts(tmp_path_factory.mktemp("sidecar"))
+
+
+TOKEN = "test-token-0123456789abcdef"
+
+
 def start(artifacts: Path, tmp_path: Path, **overrides) -> tuple[subprocess.Popen, int, Path]:
+    """Start ``latentwatch serve``; ``ingest=True`` enables the ingest listener with TOKEN (``ingest_port``)."""
     port = free_port()
     live = tmp_path / "live.lwsr"
     config = {"baseline": str(artifacts / "baseline.safetensors"), "probes": str(artifacts / "probes"),
               "source": {"kind": "file", "path": str(live), "poll_seconds": 0.1}, "port": port, **overrides}
+    if config.get("ingest") is True:
+        (tmp_path / "token").write_text(TOKEN + "\n")
+        config["ingest"] = {"enabled": True, "port": free_port(), "token_file": str(tmp_path / "token")}
     (tmp_path / "sidecar.yaml").write_text(json.dumps(config))
     proc = subprocess.Popen([sys.executable, "-m", "monitor", "serve", "-c", str(tmp_path / "sidecar.yaml")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -83,8 +94,12 @@ def stop(proc: subprocess.Popen) -> tuple[int, str]:
     return proc.returncode, err
 
 
+def ingest_port(tmp_path: Path) -> int:
+    return json.loads((tmp_path / "sidecar.yaml").read_text())["ingest"]["port"]
+
+
 def test_metrics_reflect_what_was_fed(artifacts, tmp_path):
-    proc, port, live = start(artifacts, tmp_path)
+    proc, port, live = start(artifacts, tmp_path, ingest=True)
     try:
         assert get(f"http://127.0.0.1:{port}/healthz") == (200, "ok\n")
         rng = np.random.default_rng(1)
@@ -129,7 +144,8 @@ def test_metrics_reflect_what_was_fed(artifacts, tmp_path):
                    if s.name.endswith("_total") and s.labels["stage"] == "queue"}
         assert dropped == {"pod-0": 5, "pod-1": 5, "unknown": 0}  # the hand-made bad records name no replica
         info = m["latentwatch_baseline_info"].samples[0].labels
-        assert info["fingerprint"] == FP and info["window"] == str(CONFIG.window)
+        assert "fingerprint" not in info and info["window"] == str(CONFIG.window)
+        assert FP not in get(f"http://127.0.0.1:{port}/metrics")[1]  # nothing that helps forge records
         assert len(m["latentwatch_drift_statistic"].samples) == len(base.slots)  # bounded labels
 
         # replay: POST /ingest
@@ -137,7 +153,7 @@ def test_metrics_reflect_what_was_fed(artifacts, tmp_path):
         with FileSink(path) as sink:
             for r in make_records(50, rng):
                 sink.write(r)
-        result = replay(path, f"http://127.0.0.1:{port}/ingest", rate=0, batch=20)
+        result = replay(path, f"http://127.0.0.1:{ingest_port(tmp_path)}/ingest", rate=0, batch=20, token=TOKEN)
         assert result == {"sent": 50, "accepted": 50, "corrupt_in_file": 0, "refused_by_sidecar": 0}
         assert metrics(port)["latentwatch_records_received"].samples[0].value == 653
     finally:

@@ -105,12 +105,12 @@ def test_detach_restores_the_model_exactly(smollm2):
 def test_sampling_is_deterministic_on_the_request_key(smollm2):
     batch = encode(smollm2, TEXTS)
     keys = [f"req-{i}" for i in range(len(TEXTS))]
-    sampler = Sampler(0.5, b"s")
+    sampler = Sampler(0.5, b"salt-for-tests")
     expected = [sampler.hashed_key(k) for k in keys if sampler.sampled(k)]
     got = []
     for _ in range(2):
         sink = QueueSink()
-        with Tap(smollm2.model, ["layers.2.resid"], sink=sink, sample_rate=0.5, salt=b"s") as tap:
+        with Tap(smollm2.model, ["layers.2.resid"], sink=sink, sample_rate=0.5, salt=b"salt-for-tests") as tap:
             with tap.request(keys=keys), torch.no_grad():
                 smollm2.model(**batch)
             tap.flush()
@@ -121,12 +121,12 @@ def test_sampling_is_deterministic_on_the_request_key(smollm2):
 def test_sample_rate_is_met():
     n = 20_000
     for rate in (0.0, 0.01, 0.1, 0.5, 1.0):
-        s = Sampler(rate)
+        s = Sampler(rate, b"salt-for-tests")
         hits = sum(s.sampled(f"k{i}") for i in range(n))
         sd = (n * rate * (1 - rate)) ** 0.5
         assert abs(hits - n * rate) <= 5 * sd + 1e-9, (rate, hits)
     with pytest.raises(ValueError):
-        Sampler(1.5)
+        Sampler(1.5, b"salt-for-tests")
 
 
 def test_zero_rate_captures_nothing(smollm2):

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from collectors.record import Record
-from monitor.analysis import signals
+from monitor.analysis import plausibility, signals
 from monitor.analysis.baseline import Baseline, DetectorSlot
 from monitor.probes.probe import ProbeSet
 
@@ -113,7 +113,13 @@ class Analyzer:
             sig = signals.select(sig, finite)
             if not finite.any():
                 return []
-        n = int(finite.sum())
+        plausible = plausibility.plausible_rows(sig, self.baseline.info.get(plausibility.INFO_KEY, {}))
+        if not plausible.all():  # finite but far beyond the baseline: one such row must not blind a detector
+            self.stats.invalid_total["implausible"] += int((~plausible).sum())
+            sig = signals.select(sig, plausible)
+            if not plausible.any():
+                return []
+        n = int(plausible.sum())
         if "scores" in sig:
             self.last_scores = sig["scores"]
             self.concept_hits += self.probes.above(sig["scores"]).sum(axis=0)
@@ -140,8 +146,6 @@ class Analyzer:
             idx = (self._pos + np.arange(take)) % self.window
             for st, r in zip(self.states, rows, strict=True):
                 new = r[i : i + take]
-                if st.total is not None:
-                    st.total += new.sum(axis=0) - st.buffer[idx].sum(axis=0)
                 st.buffer[idx] = new
             self._pos = (self._pos + take) % self.window
             self._filled = min(self.window, self._filled + take)
@@ -154,11 +158,11 @@ class Analyzer:
     def _evaluate(self) -> list[AlarmEvent]:
         self.stats.evaluations_total += 1
         fired = []
-        exact = self.stats.evaluations_total % 1000 == 0  # re-sum now and then: no float drift over months
         for st in self.states:
             if st.total is not None:
-                if exact:
-                    st.total = st.buffer.sum(axis=0)
+                # summed afresh at every evaluation (pairwise, O(window x width)): a running sum loses the
+                # small values' digits after one huge row passes through it, for as long as it keeps running
+                st.total = st.buffer.sum(axis=0)
                 value = float(st.slot.detector.statistic_from_mean((st.total / self.window)[None], self.window)[0])
             else:
                 value = float(st.slot.detector.statistic(st.buffer[None])[0])
@@ -207,3 +211,40 @@ class Analyzer:
         if self.probes is None or not self.scored_total:
             return {}
         return {c: float(h / self.scored_total) for c, h in zip(self.probes.concepts, self.concept_hits, strict=True)}
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> tuple[dict, dict[str, np.ndarray]]:
+        """Everything a restart needs to continue exactly: (JSON-ready fields, arrays)."""
+        meta = {"records_total": self.stats.records_total, "invalid_total": dict(self.stats.invalid_total),
+                "evaluations_total": self.stats.evaluations_total, "filled": self._filled, "pos": self._pos,
+                "seen_valid": self._seen_valid, "scored_total": self.scored_total,
+                "detectors": [{"name": st.slot.name, "value": st.value if np.isfinite(st.value) else None,
+                               "alarm": st.alarm, "alarms_total": st.alarms_total,
+                               "last_fired_at": st.last_fired_at, "mean_based": st.total is not None}
+                              for st in self.states]}
+        arrays = {f"detector/{i}": st.buffer for i, st in enumerate(self.states)}
+        arrays["concept_hits"] = np.asarray(self.concept_hits, dtype=np.float64)
+        return meta, arrays
+
+    def load_state_dict(self, meta: dict, arrays: dict[str, np.ndarray]) -> None:
+        """Inverse of :meth:`state_dict` (for the same baseline: the caller checks its checksum)."""
+        names = [slot.name for slot in self.baseline.slots]
+        if meta["detectors"] and [d["name"] for d in meta["detectors"]] != names:
+            raise ValueError("checkpoint detectors do not match the baseline's")
+        states = []
+        for i, (slot, d) in enumerate(zip(self.baseline.slots, meta["detectors"], strict=False)):
+            buffer = np.array(arrays[f"detector/{i}"], dtype=np.float64)
+            if buffer.shape[0] != self.window:
+                raise ValueError(f"checkpoint window {buffer.shape[0]} != baseline window {self.window}")
+            st = DetectorState(slot, buffer, np.zeros(buffer.shape[1]) if d["mean_based"] else None)
+            st.value = float("nan") if d["value"] is None else float(d["value"])
+            st.alarm, st.alarms_total, st.last_fired_at = bool(d["alarm"]), int(d["alarms_total"]), d["last_fired_at"]
+            states.append(st)
+        self.states = states
+        self.stats.records_total = int(meta["records_total"])
+        self.stats.invalid_total = Counter({k: int(v) for k, v in meta["invalid_total"].items()})
+        self.stats.evaluations_total = int(meta["evaluations_total"])
+        self._filled, self._pos, self._seen_valid = int(meta["filled"]), int(meta["pos"]), int(meta["seen_valid"])
+        self.scored_total = int(meta["scored_total"])
+        if len(self.concept_hits):
+            self.concept_hits = np.array(arrays["concept_hits"], dtype=np.float64)

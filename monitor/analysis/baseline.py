@@ -25,7 +25,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from collectors.record import Record
-from monitor.analysis import calibration, detectors, signals
+from monitor.analysis import calibration, detectors, plausibility, signals
 from monitor.analysis.detectors.projection import fit_pca
 from monitor.probes.probe import ProbeSet
 
@@ -124,6 +124,7 @@ class Baseline:
             "warnings": warnings,
             "reference_records": int(half), "calibration_records": int(len(records) - half),
             "calibration": report,
+            plausibility.INFO_KEY: plausibility.learn(ref_sig, cal_sig),  # live values beyond are refused
         }
         if probes is not None:
             info["concept_base_rates"] = {

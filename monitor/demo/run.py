@@ -131,12 +131,12 @@ def run_demo(model: str, out: Path, sample_rate: float, quick: bool, console: Co
     console.print(f"Prometheus metrics: http://127.0.0.1:{server.server_address[1]}/metrics")
     queue_sink = QueueSink()
     (out / "live.lwsr").unlink(missing_ok=True)  # the file sink appends; this run's records only
-    file_sink = FileSink(out / "live.lwsr")
+    file_sink = FileSink(out / "live.lwsr", max_bytes=None)  # one file for replay and the report
     served = 0
     alarms: list[dict[str, Any]] = []
     lm.tokenizer.padding_side = "left"
     tap = Tap(lm.model, sites, sink=queue_sink, sample_rate=sample_rate, model_name=lm.name,
-              metadata={"replica": "demo-0"}).attach()
+              metadata={"replica": "demo-0"}, salt=b"latentwatch-demo").attach()  # reproducible demo sampling
     try:
         with Live(_table(analyzer, 0, shift_at), console=console, refresh_per_second=4) as view:
             for start in range(0, len(live), 8):

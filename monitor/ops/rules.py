@@ -109,10 +109,12 @@ def alert_specs(job_selector: str = JOB_SELECTOR, surge_factor: float = 3.0, sur
             "down). Serving is not affected; drift statistics see fewer records."),
         AlertSpec(
             "LatentwatchInvalidRecords", "warning",
-            'sum by (model_name) (latentwatch:records_invalid:rate5m{reason=~"corrupt|nonfinite"}) / '
+            'sum by (model_name) (latentwatch:records_invalid:rate5m{reason=~"corrupt|nonfinite|implausible"}) / '
             "clamp_min(latentwatch:records_received:rate5m, 1e-9) > 0.01", 900,
-            "{{ $labels.model_name }}: {{ $value | humanizePercentage }} of records are corrupt or non-finite",
-            "More than 1 % of {{ $labels.model_name }}'s records are refused as corrupt or NaN/inf. They are "
+            "{{ $labels.model_name }}: {{ $value | humanizePercentage }} of records are corrupt, non-finite or "
+            "implausible",
+            "More than 1 % of {{ $labels.model_name }}'s records are refused as corrupt, NaN/inf or physically "
+            "implausible (beyond 10x the baseline's largest value). They are "
             "counted and skipped; the rest is analyzed."),
         AlertSpec(
             "LatentwatchModelMismatch", "critical",

@@ -141,7 +141,7 @@ def cached_records(lm: LoadedModel, texts: list[str], sites: list[str], tag: str
     missing = list(dict.fromkeys(t for t in texts if text_key(t) not in have))
     if missing:
         recs = run_texts(lm, missing, sites, max_length=max_length, description=tag, progress=progress)
-        with FileSink(path) as sink:
+        with FileSink(path, max_bytes=None) as sink:  # a cache file: never rotated
             for t, r in zip(missing, recs, strict=True):
                 r.meta = {"text_key": text_key(t)}
                 sink.write(r)

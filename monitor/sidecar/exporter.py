@@ -61,7 +61,7 @@ class SidecarCollector(Collector):
         yield received
         invalid = CounterMetricFamily("latentwatch_records_invalid", "Records refused, by reason",
                                       labels=["model_name", "reason"])
-        for reason in ("fingerprint", "shape", "nonfinite", "corrupt"):
+        for reason in ("fingerprint", "shape", "nonfinite", "implausible", "corrupt"):
             value = sc.corrupt_total if reason == "corrupt" else a.stats.invalid_total.get(reason, 0)
             invalid.add_metric([m, reason], value)
         yield invalid
@@ -70,7 +70,10 @@ class SidecarCollector(Collector):
         dropped = CounterMetricFamily("latentwatch_tap_dropped", "Sampled requests the tap dropped, as last reported; "
                                       "stage=queue: its worker was behind, stage=transport: the sink (broker) was",
                                       labels=["model_name", "replica", "stage"])
+        now, ttl = time.time(), getattr(sc.settings, "replica_ttl_seconds", float("inf"))
         for replica, counters in sorted(sc.replicas.items()):
+            if now - counters.get("seen_at", now) > ttl:
+                continue  # stale: expired (and dropped at the next batch)
             sampled.add_metric([m, replica], counters.get("sampled", 0))
             dropped.add_metric([m, replica, "queue"], counters.get("dropped", 0))
             dropped.add_metric([m, replica, "transport"], counters.get("sink_dropped", 0))
@@ -142,7 +145,9 @@ class SidecarCollector(Collector):
 
         binfo = InfoMetricFamily("latentwatch_baseline", "Loaded baseline", labels=["model_name"])
         cal = base.info.get("calibration", {})
-        binfo.add_metric([m], {"fingerprint": base.fingerprint, "created": str(base.info.get("created", "")),
+        # not the model fingerprint: records are checked against it, so it is not published (docs/sidecar.md)
+        binfo.add_metric([m], {"baseline_sha256": getattr(sc, "baseline_sha256", "")[:16],
+                               "created": str(base.info.get("created", "")),
                                "window": str(base.config.window), "stride": str(base.config.stride),
                                "false_alarm_every_records": str(cal.get("target_records_between_false_alarms", ""))})
         yield binfo

@@ -80,13 +80,20 @@ class _Listener:
             src.rebalances += 1
             src.assigned = sorted(tp.partition for tp in assigned)
         log.info("assigned partitions %s of %s (group %s)", src.assigned, src.config.topic, src.config.group_id)
+        for tp in assigned:  # a restarted monitor continues where its checkpointed windows end
+            offset = src._resume.pop(tp.partition, None)
+            if offset is not None and src._consumer is not None:
+                src._consumer.seek(tp, offset)
+                log.info("partition %d: resuming at checkpointed offset %d", tp.partition, offset)
 
 
 class KafkaSource:
     """Consume records for one model (``fingerprint``) from ``config.topic`` as a member of a group."""
 
-    def __init__(self, config: KafkaSourceConfig, fingerprint: str) -> None:
+    def __init__(self, config: KafkaSourceConfig, fingerprint: str, resume: dict[str, int] | None = None) -> None:
         self.config = config
+        # partition -> offset after the last record in a restored checkpoint (sought once, at assignment)
+        self._resume: dict[int, int] = {int(p): int(o) for p, o in (resume or {}).items()}
         self.fingerprint = fingerprint
         self._consumer: Any = None
         self._dead_letters: Any = None
@@ -188,6 +195,13 @@ class KafkaSource:
         if time.monotonic() - self._last_commit >= c.commit_interval_seconds:
             self._commit(list(self._next), reason="interval")
         return n
+
+    def positions(self) -> dict[str, int]:
+        """Partition -> next offset to process: everything before it is accounted (for checkpoints)."""
+        with self._lock:
+            out = {str(tp.partition): off for tp, off in self._next.items()}
+        out.update({str(p): o for p, o in self._resume.items() if str(p) not in out})  # not yet reassigned
+        return out
 
     def _check_connection(self) -> None:
         """``connected``: the client holds at least one broker connection (checked once a second; a poll

@@ -16,77 +16,81 @@ a final summary is logged, and the process exits 0.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import signal
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
 from threadpoolctl import threadpool_limits
 
-from collectors.record import Record
-from collectors.sinks import FileReadStats, RecordStream
+from collectors.record import PREFIX, Record, RecordError, decode, frame_length
 from monitor.analysis.analyzer import AlarmEvent, Analyzer
 from monitor.analysis.baseline import Baseline
 from monitor.probes.probe import ProbeSet
+from monitor.sidecar import checkpoint
 from monitor.sidecar.exporter import SCORE_BUCKETS, SidecarCollector
+from monitor.sidecar.file_source import FileTail
+from monitor.sidecar.http import HttpServers, describe
 from monitor.sidecar.kafka_source import KafkaSource
 from monitor.sidecar.settings import Settings
 
 log = logging.getLogger("latentwatch.sidecar")
-MAX_INGEST_BYTES = 64 << 20
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per log line (``ts``, ``level``, ``logger``, ``msg``)."""
+    """One JSON object per log line (``ts``, ``level``, ``logger``, ``msg``); an exception travels as fields
+    (``exc_type``, ``exc``: the traceback as one string), never as extra lines."""
 
     def format(self, record: logging.LogRecord) -> str:
-        out = {"ts": round(record.created, 3), "level": record.levelname.lower(), "logger": record.name,
-               "msg": record.getMessage()}
-        if record.exc_info:
+        out: dict[str, Any] = {"ts": round(record.created, 3), "level": record.levelname.lower(),
+                               "logger": record.name, "msg": record.getMessage()}
+        if record.exc_info and record.exc_info[0] is not None:
+            out["exc_type"] = record.exc_info[0].__name__
             out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out)
+        if record.stack_info:
+            out["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(out, default=str)
 
 
-class FileTail:
-    """Follow a growing signature file; survives truncation or replacement (log rotation)."""
+def install_excepthooks() -> None:
+    """Uncaught exceptions (main thread or any other) go through logging, so JSON logs stay one object a line."""
+    import sys
 
-    def __init__(self, path: Path, from_start: bool = True) -> None:
-        self.path = path
-        self.stats = FileReadStats()
-        self._stream = RecordStream(self.stats)
-        self._pos = path.stat().st_size if (not from_start and path.exists()) else 0
-        self._inode = path.stat().st_ino if path.exists() else None
+    crash = logging.getLogger("latentwatch.crash")
 
-    def readable(self) -> bool:
-        return self.path.parent.exists()
+    def main_hook(exc_type: type[BaseException], exc: BaseException, tb: Any) -> None:
+        crash.critical("uncaught exception", exc_info=(exc_type, exc, tb))
 
-    def poll(self, limit: int = 1 << 24) -> list[Record]:
-        if not self.path.exists():
-            return []
-        st = self.path.stat()
-        if st.st_ino != self._inode or st.st_size < self._pos:  # rotated or truncated: start over
-            self._inode, self._pos, self._stream = st.st_ino, 0, RecordStream(self.stats)
-        if st.st_size == self._pos:
-            return []
-        with self.path.open("rb") as f:
-            f.seek(self._pos)
-            data = f.read(limit)
-        self._pos += len(data)
-        return self._stream.feed(data)
+    def thread_hook(args: threading.ExceptHookArgs) -> None:
+        if args.exc_type is SystemExit:
+            return
+        name = args.thread.name if args.thread is not None else "?"
+        crash.error("uncaught exception in thread %s", name,
+                    exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+
+    sys.excepthook = main_hook
+    threading.excepthook = thread_hook
+
+
+def baseline_checksum(path: Path) -> str:
+    """The SHA-256 a baseline file carries (verified by ``Baseline.load``): identifies the baseline."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as f:
+        return str((f.metadata() or {}).get("sha256", ""))
 
 
 class Sidecar:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.baseline = Baseline.load(settings.baseline)
+        self.baseline_sha256 = baseline_checksum(settings.baseline)
         self.probes = (ProbeSet.load_dir(settings.probes, fingerprint=self.baseline.fingerprint)
                        if settings.probes else None)
         self.analyzer = Analyzer(self.baseline, self.probes)
@@ -99,17 +103,77 @@ class Sidecar:
         self.score_sum = np.zeros(k)
         self._recent = np.zeros((self.baseline.config.window, k), dtype=bool)
         self._recent_n = 0
-        self.tail = FileTail(settings.source.path, settings.source.from_start) if (
+        self.restored = False  # state and position came from a checkpoint
+        self._last_checkpoint = time.monotonic()
+        position = self._restore() if settings.checkpoint.path else None
+        self.tail = FileTail(settings.source.path, settings.source.from_start,
+                             position=(position or {}).get("file")) if (
             settings.source.kind == "file" and settings.source.path) else None
-        self.kafka = (KafkaSource(settings.source.kafka, self.baseline.fingerprint)
+        self.kafka = (KafkaSource(settings.source.kafka, self.baseline.fingerprint,
+                                  resume=(position or {}).get("kafka"))
                       if settings.source.kind == "kafka" and settings.source.kafka else None)
         self.registry = CollectorRegistry()
         self.registry.register(SidecarCollector(self))
         self.stop = threading.Event()
 
+    # ---------------------------------------------------------------- checkpoints
+    def _restore(self) -> dict[str, Any] | None:
+        loaded = checkpoint.load(self.settings.checkpoint.path, self.baseline_sha256)
+        if loaded is None:
+            return None
+        meta, arrays = loaded
+        try:
+            self.analyzer.load_state_dict(meta["analyzer"], {k.split("/", 1)[1]: v for k, v in arrays.items()
+                                                             if k.startswith("analyzer/")})
+            sc = meta["sidecar"]
+            self.replicas = {r: {k: int(v) for k, v in c.items()} for r, c in sc["replicas"].items()}
+            self.corrupt_total = int(sc["corrupt_total"])
+            self.last_record_ts = float(sc["last_record_ts"])
+            self._recent_n = int(sc["recent_n"])
+            if self.probes is not None:
+                self.score_buckets = np.array(arrays["sidecar/score_buckets"], dtype=np.int64)
+                self.score_sum = np.array(arrays["sidecar/score_sum"], dtype=np.float64)
+                self._recent = np.array(arrays["sidecar/recent"], dtype=bool)
+        except (KeyError, ValueError, TypeError) as exc:
+            log.warning("checkpoint %s does not fit (%s); starting with empty windows", self.settings.checkpoint.path,
+                        exc)
+            self.analyzer = Analyzer(self.baseline, self.probes)
+            return None
+        self.restored = True
+        log.info("restored drift state from %s: %d records, %d evaluations, alarms active: %s",
+                 self.settings.checkpoint.path, self.analyzer.stats.records_total,
+                 self.analyzer.stats.evaluations_total,
+                 ", ".join(st.slot.name for st in self.analyzer.states if st.alarm) or "none")
+        return meta.get("source") or {}
+
+    def checkpoint(self) -> None:
+        """Write the state and the source position (from the source thread, between batches)."""
+        path = self.settings.checkpoint.path
+        if path is None:
+            return
+        with self.lock:
+            ameta, aarrays = self.analyzer.state_dict()
+            arrays = {f"analyzer/{k}": np.array(v) for k, v in aarrays.items()}
+            arrays["sidecar/score_buckets"] = self.score_buckets.copy()
+            arrays["sidecar/score_sum"] = self.score_sum.copy()
+            arrays["sidecar/recent"] = self._recent.astype(np.uint8)
+            meta = {"analyzer": ameta,
+                    "sidecar": {"replicas": self.replicas, "corrupt_total": self.corrupt_total,
+                                "last_record_ts": self.last_record_ts, "recent_n": self._recent_n},
+                    "source": {"file": self.tail.position() if self.tail is not None else None,
+                               "kafka": self.kafka.positions() if self.kafka is not None else None}}
+            meta = json.loads(json.dumps(meta))  # a copy, taken under the lock
+        try:
+            checkpoint.save(path, self.baseline_sha256, meta, arrays)
+        except OSError as exc:
+            log.warning("cannot write checkpoint %s: %s", path, exc)
+        self._last_checkpoint = time.monotonic()
+
     # ---------------------------------------------------------------- ingestion
-    def ingest(self, records: list[Record], corrupt: int = 0) -> list[AlarmEvent]:
-        """Analyze records (in batches); returns the alarms that fired."""
+    def ingest(self, records: list[Record], corrupt: int = 0, counts: dict[str, int] | None = None
+               ) -> list[AlarmEvent]:
+        """Analyze records (in batches); returns the alarms that fired. ``counts["invalid"]`` (when given)
+        receives how many of them the analyzer refused."""
         fired: list[AlarmEvent] = []
         with self.lock:
             self.corrupt_total += corrupt
@@ -117,7 +181,11 @@ class Sidecar:
             batch = records[i : i + self.settings.batch_size]
             with self.lock:  # per batch: a scrape waits for one batch at most
                 before = self.analyzer.scored_total
+                invalid_before = sum(self.analyzer.stats.invalid_total.values())
                 fired += self.analyzer.update(batch)
+                if counts is not None:
+                    counts["invalid"] = (counts.get("invalid", 0)
+                                         + sum(self.analyzer.stats.invalid_total.values()) - invalid_before)
                 if self.probes is not None and self.analyzer.scored_total > before:
                     self._account_scores(self.analyzer.last_scores)
                 self._account_tap(batch)
@@ -143,21 +211,70 @@ class Sidecar:
         return {c: float(r) for c, r in zip(self.probes.concepts, rates, strict=True)}
 
     def _account_tap(self, batch: list[Record]) -> None:
-        """Newest record time, and each replica's cumulative tap counters (from its newest record)."""
+        """Newest record time, and each replica's tap counters from its records' metadata.
+
+        The counters are cumulative in the tap; a value lower than the last one seen means the tap
+        restarted (its counter began again at 0): the new value is added, not compared with an old maximum,
+        so drops after a restart show at once. A record timestamp in the future counts as its receive time
+        (a skewed clock must not pin the lag at zero). Replicas not heard from for ``replica_ttl_seconds``
+        are dropped from the export."""
         fp = self.baseline.fingerprint
-        newest: dict[str, Record] = {}
+        now = time.time()
         for rec in batch:
-            if rec.fingerprint == fp:
-                newest[rec.meta.get("replica", "unknown")] = rec
-        for replica, rec in newest.items():
-            self.last_record_ts = max(self.last_record_ts, rec.ts)
+            if rec.fingerprint != fp:
+                continue
+            self.last_record_ts = max(self.last_record_ts, min(rec.ts, now))
+            replica = rec.meta.get("replica", "unknown")
             if replica not in self.replicas and len(self.replicas) >= self.settings.max_replicas:
                 replica = "other"
             counters = self.replicas.setdefault(replica, {})
+            counters["seen_at"] = int(now)
             for key, meta_key in (("sampled", "tap_sampled"), ("dropped", "tap_dropped"),
                                   ("sink_dropped", "sink_dropped")):
-                with contextlib.suppress(ValueError):  # a malformed counter is ignored, not fatal
-                    counters[key] = max(counters.get(key, 0), int(rec.meta.get(meta_key, "0")))
+                try:
+                    value = int(rec.meta.get(meta_key, "0"))
+                except ValueError:  # a malformed counter is ignored, not fatal
+                    continue
+                if value < 0:
+                    continue
+                last = counters.get(f"{key}_last", 0)
+                counters[key] = counters.get(key, 0) + (value - last if value >= last else value)
+                counters[f"{key}_last"] = value
+        ttl = self.settings.replica_ttl_seconds
+        for replica in [r for r, c in self.replicas.items() if now - c.get("seen_at", now) > ttl]:
+            del self.replicas[replica]
+
+    def ingest_body(self, data: bytes) -> tuple[int, dict[str, Any]]:
+        """``POST /ingest``: records back to back. All or nothing: a body with a malformed record (400) or a
+        record of another model (422) is refused whole, with the reason; otherwise every record is analyzed
+        (those the analyzer refuses -- wrong sites or dims, non-finite or implausible values -- are counted
+        by reason). Returns (HTTP status, JSON answer)."""
+        records: list[Record] = []
+        pos, view = 0, memoryview(data)
+        fp = self.baseline.fingerprint
+        try:
+            while pos < len(data):
+                total = frame_length(bytes(view[pos : pos + PREFIX.size]))
+                if pos + total > len(data):
+                    raise RecordError(f"record announces {total} bytes, the body has {len(data) - pos} left")
+                records.append(decode(view[pos : pos + total]))
+                pos += total
+                if len(records) > self.settings.ingest.max_records_per_body:
+                    return 413, {"error": f"more than {self.settings.ingest.max_records_per_body} records in one "
+                                          "body (ingest.max_records_per_body)", "accepted": 0}
+        except RecordError as exc:
+            with self.lock:
+                self.corrupt_total += 1
+            return 400, {"error": f"record {len(records)} at byte {pos}: {exc}", "accepted": 0}
+        foreign = next((i for i, r in enumerate(records) if r.fingerprint != fp), None)
+        if foreign is not None:
+            with self.lock:
+                self.analyzer.stats.invalid_total["fingerprint"] += 1
+            return 422, {"error": f"record {foreign} is of another model than the baseline's", "accepted": 0}
+        counts: dict[str, int] = {}
+        self.ingest(records, counts=counts)
+        refused = counts.get("invalid", 0)
+        return 200, {"accepted": len(records) - refused, "corrupt": 0, "invalid": refused}
 
     def poll_once(self) -> int:
         if self.kafka is not None:
@@ -174,7 +291,10 @@ class Sidecar:
     def run_source(self) -> None:
         while not self.stop.is_set():
             try:
-                if self.poll_once() == 0 and self.kafka is None:
+                n = self.poll_once()
+                if time.monotonic() - self._last_checkpoint >= self.settings.checkpoint.interval_seconds:
+                    self.checkpoint()
+                if n == 0 and self.kafka is None:
                     self.stop.wait(self.settings.source.poll_seconds)
             except Exception:
                 log.exception("source poll failed; retrying")
@@ -199,59 +319,9 @@ class Sidecar:
                 "alarms": {st.slot.name: st.alarms_total for st in a.states if st.alarms_total}}
 
 
-def _handler(sidecar: Sidecar) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        server_version = "latentwatch"
-
-        def log_message(self, fmt: str, *args: Any) -> None:  # access logs at debug level only
-            log.debug("%s %s", self.address_string(), fmt % args)
-
-        def _send(self, code: int, body: bytes, ctype: str = "text/plain; charset=utf-8") -> None:
-            self.send_response(code)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def do_GET(self) -> None:
-            path = self.path.split("?", 1)[0]
-            if path == "/metrics":
-                self._send(200, generate_latest(sidecar.registry), CONTENT_TYPE_LATEST)
-            elif path == "/healthz":
-                self._send(200, b"ok\n")
-            elif path == "/readyz":
-                ok = sidecar.ready()
-                self._send(200 if ok else 503, b"ready\n" if ok else b"source not readable\n")
-            else:
-                self._send(404, b"not found\n")
-
-        def do_POST(self) -> None:
-            if self.path.split("?", 1)[0] != "/ingest":
-                self._send(404, b"not found\n")
-                return
-            try:
-                length = int(self.headers.get("Content-Length", "0"))
-            except ValueError:
-                length = -1
-            if not 0 <= length <= MAX_INGEST_BYTES:
-                self._send(413, b"body must have a Content-Length of at most 64 MiB\n")
-                return
-            stream = RecordStream()
-            records = stream.feed(self.rfile.read(length))
-            corrupt = stream.stats.corrupt + (1 if stream.pending_bytes else 0)
-            sidecar.ingest(records, corrupt)
-            body = json.dumps({"accepted": len(records), "corrupt": corrupt}).encode()
-            self._send(200, body, "application/json")
-
-    return Handler
-
-
-def start_http(sidecar: Sidecar) -> ThreadingHTTPServer:
-    """Serve the sidecar's endpoints from a background thread; ``server.shutdown()`` stops it."""
-    server = ThreadingHTTPServer((sidecar.settings.host, sidecar.settings.port), _handler(sidecar))
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, name="latentwatch-http", daemon=True).start()
-    return server
+def start_http(sidecar: Sidecar) -> HttpServers:
+    """Start the scrape listener (and the ingest listener when enabled); ``.shutdown()`` stops them."""
+    return HttpServers(sidecar)
 
 
 def serve(settings: Settings) -> int:
@@ -259,24 +329,25 @@ def serve(settings: Settings) -> int:
     threadpool_limits(settings.threads)  # process-wide: the analysis runs on small matrices
     sidecar = Sidecar(settings)
     server = start_http(sidecar)
-    host, port = server.server_address[:2]
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: sidecar.stop.set())
     source = threading.Thread(target=sidecar.run_source, name="latentwatch-source", daemon=True)
     source.start()
-    log.info("serving model %s on http://%s:%s (baseline %s, %d detectors, probes: %s, pid %d)",
-             sidecar.baseline.model, host, port, settings.baseline, len(sidecar.baseline.slots),
+    log.info("serving model %s on %s (baseline %s, %d detectors, probes: %s, pid %d)",
+             sidecar.baseline.model, describe(server), settings.baseline, len(sidecar.baseline.slots),
              ", ".join(sidecar.probes.concepts) if sidecar.probes else "none", os.getpid())
     started = time.monotonic()
     while not sidecar.stop.wait(1.0):
         pass
     log.info("shutting down: draining the source")
+    if server.ingest is not None:
+        server.ingest.stop()  # no new bodies; those in flight finish
     source.join(timeout=10)
     try:
         sidecar.close_source()
     except Exception:
         log.exception("closing the source failed")
-    server.shutdown()
-    server.server_close()
+    sidecar.checkpoint()
+    server.stop()
     log.info("stopped after %.0f s: %s", time.monotonic() - started, json.dumps(sidecar.summary()))
     return 0

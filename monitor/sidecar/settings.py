@@ -37,6 +37,10 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from monitor.sidecar.kafka_source import KafkaSourceConfig
 
 
+class ConfigError(ValueError):
+    """A configuration that cannot run, with a message naming the file and field."""
+
+
 class SourceConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     kind: Literal["file", "kafka", "none"] = Field(
@@ -46,6 +50,61 @@ class SourceConfig(BaseModel):
     kafka: KafkaSourceConfig | None = None
     poll_seconds: float = Field(0.5, gt=0, le=60)
     from_start: bool = Field(True, description="read what the file already holds before tailing it")
+
+
+class IngestConfig(BaseModel):
+    """``POST /ingest``: off by default; a credentialed path on its own listener (docs/sidecar.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = Field(False, description="accept records over HTTP (latentwatch replay); off by default")
+    host: str = Field("127.0.0.1", description="the ingest listener's address; loopback unless you need it")
+    port: int = Field(9465, ge=0, le=65535, description="its own port, never the scrape port")
+    token_file: Path | None = Field(None, description="file holding the bearer token (e.g. a mounted Secret)")
+    token_env: str | None = Field(None, description="name of an environment variable holding the bearer token")
+    max_body_bytes: int = Field(8 << 20, ge=1024, le=64 << 20, description="largest accepted body (413 above)")
+    max_records_per_body: int = Field(4096, ge=1, le=1_000_000, description="records in one body (413 above)")
+    max_concurrent_bodies: int = Field(2, ge=1, le=64, description="bodies read and analyzed at once "
+                                                                    "(503 above); bounds memory")
+
+    def token(self) -> bytes:
+        """The bearer token, from ``token_file`` or ``token_env``; raises ConfigError when absent or short."""
+        import os
+
+        if self.token_file is not None:
+            try:
+                value = self.token_file.read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise ConfigError(f"ingest.token_file: cannot read {self.token_file}: {exc.strerror}") from exc
+            where = f"ingest.token_file {self.token_file}"
+        elif self.token_env:
+            value = os.environ.get(self.token_env, "").strip()
+            where = f"ingest.token_env ${self.token_env}"
+        else:
+            raise ConfigError("ingest.enabled needs ingest.token_file or ingest.token_env (a bearer token)")
+        if len(value) < 16:
+            raise ConfigError(f"{where}: the ingest token must be at least 16 characters")
+        return value.encode()
+
+
+class HttpConfig(BaseModel):
+    """Limits of the HTTP listeners (uvicorn): slow or many clients cannot starve ``/metrics``."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_connections: int = Field(256, ge=4, le=100_000, description="open connections per listener; "
+                                                                     "the oldest idle ones are closed above")
+    header_timeout_seconds: float = Field(10.0, gt=0, le=300, description="a request's headers must arrive "
+                                                                           "within this time")
+    keep_alive_seconds: float = Field(5.0, gt=0, le=300, description="idle keep-alive connections are closed after")
+    body_timeout_seconds: float = Field(30.0, gt=0, le=600, description="an ingest body must arrive within this")
+    shutdown_seconds: float = Field(10.0, gt=0, le=120, description="in-flight requests get this long at SIGTERM")
+
+
+class CheckpointConfig(BaseModel):
+    """Drift state that survives restarts (monitor/sidecar/checkpoint.py); off without a path."""
+
+    model_config = ConfigDict(extra="forbid")
+    path: Path | None = Field(None, description="checkpoint file on a writable volume, e.g. /state/latentwatch.ckpt")
+    interval_seconds: float = Field(10.0, gt=0, le=3600, description="how often it is written (and at SIGTERM)")
 
 
 class Settings(BaseSettings):
@@ -58,10 +117,15 @@ class Settings(BaseSettings):
     port: int = Field(9464, ge=0, le=65535)
     batch_size: int = Field(512, ge=1, le=100_000)
     max_replicas: int = Field(64, ge=1, le=10_000, description="cap on distinct `replica` label values")
+    replica_ttl_seconds: float = Field(3600, gt=0, description="a replica not heard from for this long is "
+                                                                "dropped from the tap metrics")
     attribution_top: int = Field(5, ge=1, le=20)
     threads: int = Field(1, ge=1, le=64, description="BLAS threads for the analysis; scale out with replicas "
                                                       "(more threads mostly spin on small matrices)")
     log_format: Literal["json", "text"] = "json"
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+    http: HttpConfig = Field(default_factory=HttpConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings],
@@ -70,10 +134,6 @@ class Settings(BaseSettings):
                                    dotenv_settings: PydanticBaseSettingsSource,
                                    file_secret_settings: PydanticBaseSettingsSource):
         return (env_settings, init_settings)  # environment overrides the YAML file
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot run, with a message naming the file and field."""
 
 
 def load_settings(path: str | Path | None) -> Settings:
@@ -95,4 +155,11 @@ def load_settings(path: str | Path | None) -> Settings:
     if settings.source.kind == "kafka" and settings.source.kafka is None:
         raise ConfigError(f"{path or 'environment'}: source.kind 'kafka' needs source.kafka "
                           "(at least bootstrap_servers and topic)")
+    if settings.ingest.enabled:
+        try:
+            settings.ingest.token()
+        except ConfigError as exc:
+            raise ConfigError(f"{path or 'environment'}: {exc}") from exc
+        if settings.ingest.port == settings.port and settings.port != 0:
+            raise ConfigError(f"{path or 'environment'}: ingest.port must differ from port (the scrape port)")
     return settings
