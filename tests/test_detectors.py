@@ -112,9 +112,20 @@ def test_calibration_meets_the_budget_on_fresh_streams(ert):
     assert measured == pytest.approx(ert, rel=0.25)
 
 
-def test_stream_detector_docstring_example():
+def test_docstring_examples_of_the_analysis_modules():
+    """Every detector's runnable example (river style), the groups and the plain-array entry point."""
     import doctest
+    import importlib
+    import pkgutil
 
-    from monitor.analysis.detectors import base
+    import monitor.analysis
+    import monitor.analysis.detectors
 
-    assert doctest.testmod(base).failed == 0
+    names = [f"monitor.analysis.{m.name}" for m in pkgutil.iter_modules(monitor.analysis.__path__)]
+    names += [f"monitor.analysis.detectors.{m.name}" for m in pkgutil.iter_modules(monitor.analysis.detectors.__path__)]
+    tried = 0
+    for name in names:
+        result = doctest.testmod(importlib.import_module(name))
+        assert result.failed == 0, name
+        tried += result.attempted
+    assert tried >= 30  # the examples ran (a module whose docstring lost its example would lower this)

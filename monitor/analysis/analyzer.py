@@ -107,6 +107,13 @@ class Analyzer:
             if not valid:
                 return []
             sig = signals.extract(valid, self.baseline.shapes, self.probes)
+        return self.update_signals(sig)
+
+    def update_signals(self, sig: dict[str, np.ndarray]) -> list[AlarmEvent]:
+        """Analyze signal families (``signals.extract`` of valid records, or plain arrays); returns new alarms.
+
+        Rows with NaN, infinity or implausible values are counted by reason and skipped.
+        """
         finite = signals.finite_rows(sig)
         if not finite.all():
             self.stats.invalid_total["nonfinite"] += int((~finite).sum())

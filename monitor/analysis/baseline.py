@@ -1,14 +1,18 @@
 """Baselines: reference distributions, fitted detectors and calibrated thresholds, in one file.
 
-``build`` takes reference records (e.g. a file written by the tap's file sink), splits them into a
-*reference* part (40 %) that the detectors compare against and a *calibration pool* (60 %) from which
-no-drift streams are resampled (:mod:`monitor.analysis.calibration`), fits every detector and sets every threshold
-for the stated false-alarm budget.
+``build`` takes reference records (e.g. a file written by the tap's file sink) and the way they
+group (``group_by``: documents, sessions, tenants, hours; :mod:`monitor.analysis.groups`). It
+calibrates every threshold by *grouped cross-fit* (:mod:`monitor.analysis.calibration`): the groups
+are split into ``folds``; for each fold the detectors are fitted on the other folds and no-drift
+streams are simulated from the held-out fold only, so the thresholds see the variation between
+groups that the next day's traffic brings. The detectors the analyzer runs are then fitted on all
+reference records.
 
 The file is a safetensors file (no pickle): the detectors' arrays plus a JSON metadata block (format
 version, model fingerprint, sites and dims, probe checksums, configuration, detectors with their
-thresholds, calibration report) and a SHA-256 over all of it. Loading verifies the checksum and
-format; the analyzer refuses a baseline made for another model, other sites or other probes.
+thresholds, the calibration design and report) and a SHA-256 over all of it. Loading verifies the
+checksum and format; the analyzer refuses a baseline made for another model, other sites or other
+probes.
 """
 
 from __future__ import annotations
@@ -26,11 +30,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from collectors.record import Record
 from monitor.analysis import calibration, detectors, plausibility, signals
+from monitor.analysis import groups as grouping
 from monitor.analysis.detectors.projection import fit_pca
 from monitor.probes.probe import ProbeSet
 
 FORMAT = "latentwatch-baseline"
-VERSION = 1
+PSEUDO_GROUPS = 200  # per fold at most (calibration.pseudo_groups), and about PSEUDO_RECORDS records
+PSEUDO_RECORDS = 20_000
+VERSION = 2  # 2: grouped cross-fit calibration, out-of-sample pca_error, binomial concept rates
 
 
 class BaselineError(ValueError):
@@ -44,13 +51,17 @@ class AnalyzerConfig(BaseModel):
     window: int = Field(200, ge=10, le=100_000)
     stride: int = Field(50, ge=1, description="evaluate every `stride` records")
     univariate: list[Literal["ks", "psi", "wasserstein"]] = Field(default_factory=lambda: ["ks"])
-    multivariate: list[Literal["mmd", "meanshift", "pca_error"]] = Field(
-        default_factory=lambda: ["mmd", "meanshift", "pca_error"])
+    multivariate: list[Literal["mmd", "meanshift", "meanshift_full", "pca_error", "novelty"]] = Field(
+        default_factory=lambda: ["mmd", "meanshift", "meanshift_full", "pca_error", "novelty"])
     concept_rates: bool = True
     pca_components: int = Field(16, ge=1, le=256)
     false_alarm_every: float = Field(20_000, gt=0, description="expected sampled records between false alarms")
     calibration_alarms: int = Field(150, ge=10, description="simulated alarms the calibration should rest on")
     max_calibration_evaluations: int = Field(300_000, ge=1000)
+    group_by: str = Field("record", pattern=grouping.PATTERN,
+                          description="what reference records belong together: meta:<key>, ts:<seconds> or record")
+    folds: int = Field(4, ge=2, le=20, description="cross-fit folds of whole groups")
+    calibration_repeats: int = Field(1, ge=1, le=10, description="cross-fit repeats with other fold assignments")
     seed: int = 0
 
 
@@ -80,6 +91,7 @@ class Baseline:
     @classmethod
     def build(cls, records: Sequence[Record], probes: ProbeSet | None, config: AnalyzerConfig | None = None,
               progress: Any = None) -> Baseline:
+        """Validate ``records``, group them by ``config.group_by`` and build (see :meth:`from_signals`)."""
         config = config or AnalyzerConfig()
         if len(records) < 2 * config.window:
             raise BaselineError(f"need at least {2 * config.window} reference records for window "
@@ -97,45 +109,99 @@ class Baseline:
             missing = set(probes.needs()) - set(shapes)
             if missing:
                 raise BaselineError(f"probes read sites the records do not carry: {sorted(missing)}")
-        rng = np.random.default_rng(config.seed)
-        order = rng.permutation(len(records))
-        half = int(len(records) * 0.4)  # reference 40 %, calibration pool 60 % (see docs/analyzer.md)
-        ref_sig = signals.extract([records[i] for i in order[:half]], shapes, probes)
-        cal_sig = signals.extract([records[i] for i in order[half:]], shapes, probes)
-        slots = cls._fit_slots(ref_sig, shapes, probes, config)
-        pools = [slot.detector.transform(cal_sig[slot.family]) for slot in slots]
+        try:
+            group_ids = grouping.assign(records, config.group_by)
+        except grouping.GroupError as exc:
+            raise BaselineError(str(exc)) from exc
+        sig = signals.extract(records, shapes, probes)
+        return cls.from_signals(sig, group_ids, shapes, probes, config, model=first.model,
+                                fingerprint=first.fingerprint)
+
+    @classmethod
+    def from_signals(cls, sig: dict[str, np.ndarray], group_ids: np.ndarray, shapes: dict[str, signals.SiteShape],
+                     probes: ProbeSet | None, config: AnalyzerConfig, *, model: str, fingerprint: str) -> Baseline:
+        """Fit and calibrate from signal families (``signals.extract``) and a group id per record."""
+        n = len(group_ids)
+        n_groups = len(np.unique(group_ids))
+        k = config.folds
+        if n_groups < 2 * k:
+            raise BaselineError(
+                f"{n_groups} groups by {config.group_by}: cross-fit calibration with {k} folds needs at least "
+                f"{2 * k}; record traffic from more {_group_word(config.group_by)} or lower folds (>= 2)")
+        warnings = []
+        if config.group_by == "record":
+            warnings.append(
+                "group_by record: the budget holds only if live records are interchangeable with the baseline's; "
+                "traffic that comes in documents, sessions, tenants or hours raises more false alarms than stated. "
+                "Set group_by to meta:<key> or ts:<seconds>")
+        elif n_groups < grouping.FEW_GROUPS:
+            warnings.append(
+                f"{n_groups} groups by {config.group_by}: the false-alarm budget covers only the variation between "
+                f"these {n_groups}; record traffic from at least {grouping.FEW_GROUPS} {_group_word(config.group_by)}")
+        if n < 100 * config.window:
+            warnings.append(
+                f"{n} reference records for window {config.window}: below 100 windows' worth, the finite reference "
+                f"makes the real false-alarm rate differ from the budget; record more reference traffic or use a "
+                f"smaller window")
         evaluations = int(min(config.max_calibration_evaluations,
                               max(2000, config.calibration_alarms * config.false_alarm_every / config.stride)))
+        per_fold = max(500, evaluations // (k * config.calibration_repeats))
         t0 = time.perf_counter()
-        sim = calibration.simulate([s.detector for s in slots], pools, window=config.window, stride=config.stride,
-                                   evaluations=evaluations, seed=config.seed + 1)
-        thresholds, report = calibration.calibrate(sim, config.false_alarm_every)
+        grouped = config.group_by != "record"
+        stats, design = [], []
+        for rep in range(config.calibration_repeats):
+            fold = grouping.folds(group_ids, k, config.seed + 7919 * rep)
+            centers = [{fam: v[fold != f].mean(0) for fam, v in sig.items()} for f in range(k)]
+            for f in range(k):
+                train, test = fold != f, fold == f
+                slots = cls._fit_slots(signals.select(sig, train), group_ids[train], shapes, probes, config)
+                held_out, held_groups = signals.select(sig, test), group_ids[test]
+                n_pseudo = 0
+                if grouped:  # new groups beyond the few real ones, so the tails are not capped by the largest
+                    rng = np.random.default_rng(config.seed + 17 + 31 * (rep * k + f))
+                    size = max(1, int(test.sum()) // len(np.unique(held_groups)))
+                    n_pseudo = int(min(PSEUDO_GROUPS, max(50, PSEUDO_RECORDS // size)))
+                    # offsets of the held-out groups only: other folds' groups are in these detectors' fit, and
+                    # their directions look ordinary to them (pooling them made the thresholds too low)
+                    offsets = calibration.group_offsets(held_out, held_groups, centers[f])
+                    extra, extra_groups = calibration.pseudo_groups(held_out, held_groups, centers[f], offsets,
+                                                                    n_pseudo, rng)
+                    held_out = {fam: np.concatenate([held_out[fam], extra[fam]]) for fam in sig}
+                    held_groups = np.concatenate([held_groups, extra_groups + held_groups.max() + 1])
+                pools = [slot.detector.transform(held_out[slot.family]) for slot in slots]
+                sim = calibration.simulate([s.detector for s in slots], pools, window=config.window,
+                                           stride=config.stride, evaluations=per_fold,
+                                           seed=config.seed + 1 + 31 * (rep * k + f), groups=held_groups)
+                stats.append(sim.stats)
+                design.append({"repeat": rep, "fold": f, "groups": len(np.unique(group_ids[test])),
+                               "records": int(test.sum()), "pseudo_groups": n_pseudo})
+        pooled = calibration.Simulation(np.concatenate(stats, axis=0), config.window, config.stride)
+        thresholds, report = calibration.calibrate(pooled, config.false_alarm_every)
         report["seconds"] = round(time.perf_counter() - t0, 2)
+        slots = cls._fit_slots(sig, group_ids, shapes, probes, config)  # what the analyzer runs: all records
         for slot, th in zip(slots, thresholds, strict=True):
             slot.threshold = float(th)
-        warnings = []
-        if len(records) < 100 * config.window:
-            warnings.append(
-                f"{len(records)} reference records for window {config.window}: below 100 windows' worth, the "
-                f"finite reference makes the real false-alarm rate differ from the budget (usually fewer "
-                f"alarms); record more reference traffic or use a smaller window")
+        warnings += _resolution_warnings(report, n, n_groups, config, min(d["records"] for d in design))
         info = {
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "warnings": warnings,
-            "reference_records": int(half), "calibration_records": int(len(records) - half),
+            "records": int(n), "groups": int(n_groups),
+            "calibration_design": {"method": "grouped cross-fit" + (" with pseudo-groups" if grouped else ""),
+                                   "group_by": config.group_by, "folds": k, "repeats": config.calibration_repeats,
+                                   "groups": int(n_groups),
+                                   "per_fold": design},
             "calibration": report,
-            plausibility.INFO_KEY: plausibility.learn(ref_sig, cal_sig),  # live values beyond are refused
+            plausibility.INFO_KEY: plausibility.learn(sig),  # live values beyond are refused
         }
         if probes is not None:
             info["concept_base_rates"] = {
-                c: float(r) for c, r in zip(probes.concepts, probes.above(ref_sig["scores"]).mean(0),
-                                            strict=True)}
-        return cls(first.model, first.fingerprint, shapes, config, slots,
+                c: float(r) for c, r in zip(probes.concepts, probes.above(sig["scores"]).mean(0), strict=True)}
+        return cls(model, fingerprint, shapes, config, slots,
                    {p.concept: p.to_dict()["sha256"] for p in probes.probes} if probes else {}, info)
 
     @staticmethod
-    def _fit_slots(sig: dict[str, np.ndarray], shapes: dict[str, signals.SiteShape], probes: ProbeSet | None,
-                   config: AnalyzerConfig) -> list[DetectorSlot]:
+    def _fit_slots(sig: dict[str, np.ndarray], group_ids: np.ndarray, shapes: dict[str, signals.SiteShape],
+                   probes: ProbeSet | None, config: AnalyzerConfig) -> list[DetectorSlot]:
         slots = []
         uni_families = [f for f in sig if f.split(":")[0] in ("scores", "attn", "norm")]
         for family in sorted(uni_families):
@@ -151,7 +217,10 @@ class Baseline:
             site = family.split(":", 1)[1]
             pca = fit_pca(sig[family], config.pca_components)  # one projection per site, shared
             for test in config.multivariate:
-                det = detectors.REGISTRY[test](k=config.pca_components).fit(sig[family], pca=pca)
+                det = detectors.REGISTRY[test](k=config.pca_components)
+                # detectors that split the reference by group for out-of-sample moments fit their own basis
+                shared = {"pca": pca} if getattr(det, "shares_pca", False) else {}
+                det.fit(sig[family], groups=group_ids, **shared)
                 slots.append(DetectorSlot(f"{test}:{site}", test, family, det, det.component_names()))
         return slots
 
@@ -206,9 +275,14 @@ class Baseline:
             raise BaselineError(f"{path}: checksum mismatch: the baseline was modified or is corrupt")
         try:
             meta = json.loads(meta_text)
-            if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-                raise BaselineError(f"{path}: baseline format {meta.get('format')} v{meta.get('version')}, "
-                                    f"this build reads {FORMAT} v{VERSION}")
+            if meta.get("format") != FORMAT:
+                raise BaselineError(f"{path}: not a latentwatch baseline (format {meta.get('format')!r})")
+            if meta.get("version") != VERSION:
+                raise BaselineError(
+                    f"{path}: baseline format v{meta.get('version')}, this build reads v{VERSION}"
+                    + (" (v1 was calibrated without groups and cannot be converted)" if meta.get("version") == 1
+                       else "")
+                    + ": rebuild it from the reference records with `latentwatch baseline build`")
             slots = []
             shared: dict[bytes, np.ndarray] = {}  # identical arrays (a site's shared PCA) load as one object
             for key, arr in list(arrays.items()):
@@ -239,6 +313,38 @@ class Baseline:
                 f"baseline was built with probes {sorted(self.probes)}, loaded probes are {sorted(have)}"
                 + (f" (retrained or edited since: {changed})" if changed else "")
                 + "; rebuild the baseline with `latentwatch baseline build`")
+
+
+def _group_word(group_by: str) -> str:
+    if group_by.startswith("ts:"):
+        return f"time buckets of {group_by[3:]} s"
+    if group_by.startswith("meta:"):
+        return f"distinct {group_by[5:]} values"
+    return "records"
+
+
+def _resolution_warnings(report: dict[str, Any], n: int, n_groups: int, config: AnalyzerConfig,
+                         smallest_fold: int) -> list[str]:
+    """Warnings, with the numbers, when the baseline cannot support the stated budget."""
+    out = []
+    alpha = float(report["per_detector_alpha"])
+    evaluations = int(report["evaluations"])
+    windows = n / config.window
+    if alpha * evaluations < 10:
+        out.append(
+            f"the budget (one false alarm per {config.false_alarm_every:,.0f} records) implies a per-detector level "
+            f"of {alpha:.2g}, beyond what {evaluations:,} simulated evaluations resolve (fewer than 10 exceedances): "
+            f"raise max_calibration_evaluations to {int(np.ceil(10 / alpha)):,} or the budget's records")
+    if alpha * windows < 0.1:
+        need = int(np.ceil(0.1 / alpha * config.window))
+        out.append(
+            f"the budget implies a per-detector level of {alpha:.2g}, i.e. thresholds far in the tail of "
+            f"{windows:,.0f} windows' worth of reference records in {n_groups} groups: they extrapolate beyond what "
+            f"the baseline shows; record about {need:,} reference records, or state a smaller budget")
+    if smallest_fold < 2 * config.window:
+        out.append(f"the smallest cross-fit fold holds {smallest_fold} records, under two windows of "
+                   f"{config.window}: record more traffic per group or use fewer folds")
+    return out
 
 
 def _digest(meta: str, arrays: dict[str, np.ndarray]) -> str:

@@ -16,7 +16,9 @@ Thresholds are not part of a detector: :mod:`monitor.analysis.calibration` sets 
 from monitor.analysis.detectors.base import Detector, StreamDetector
 from monitor.analysis.detectors.ks import KolmogorovSmirnov
 from monitor.analysis.detectors.meanshift import MeanShift
+from monitor.analysis.detectors.meanshift_full import FullMeanShift
 from monitor.analysis.detectors.mmd import MMD
+from monitor.analysis.detectors.novelty import NearestNeighbourNovelty
 from monitor.analysis.detectors.pca_error import PCAReconstructionError
 from monitor.analysis.detectors.psi import PSI
 from monitor.analysis.detectors.rate import ConceptRate
@@ -25,10 +27,11 @@ from monitor.analysis.detectors.wasserstein import Wasserstein
 #: Every detector by the ``kind`` a baseline file stores: the one place a new detector is registered.
 REGISTRY = {
     "ks": KolmogorovSmirnov, "psi": PSI, "wasserstein": Wasserstein,
-    "mmd": MMD, "meanshift": MeanShift, "pca_error": PCAReconstructionError,
+    "mmd": MMD, "meanshift": MeanShift, "meanshift_full": FullMeanShift, "pca_error": PCAReconstructionError,
+    "novelty": NearestNeighbourNovelty,
     "rate": ConceptRate,
 }
 UNIVARIATE = {"ks": KolmogorovSmirnov, "psi": PSI, "wasserstein": Wasserstein}
 
-__all__ = ["MMD", "PSI", "REGISTRY", "UNIVARIATE", "ConceptRate", "Detector", "KolmogorovSmirnov", "MeanShift",
-           "PCAReconstructionError", "StreamDetector", "Wasserstein"]
+__all__ = ["MMD", "PSI", "REGISTRY", "UNIVARIATE", "ConceptRate", "Detector", "FullMeanShift", "KolmogorovSmirnov",
+           "MeanShift", "NearestNeighbourNovelty", "PCAReconstructionError", "StreamDetector", "Wasserstein"]

@@ -33,12 +33,15 @@ from monitor.analysis.detectors.projection import fit_pca, project
 
 class MeanShift:
     name = "meanshift"
+    shares_pca = True  # fitted on the site's one PCA projection (baseline._fit_slots)
 
     def __init__(self, k: int = 16) -> None:
         self.k = k
 
-    def fit(self, reference: np.ndarray, pca: tuple | None = None) -> MeanShift:
-        """Learn from reference activations; ``pca`` = a :func:`fit_pca` result to share between detectors."""
+    def fit(self, reference: np.ndarray, pca: tuple | None = None, groups: np.ndarray | None = None) -> MeanShift:
+        """Learn from reference activations; ``pca`` = a :func:`fit_pca` result to share between detectors.
+
+        ``groups`` is accepted like every multivariate detector's; this one does not need it."""
         self.mean_, self.components_, self.sd_ = pca or fit_pca(reference, self.k)
         return self
 

@@ -33,14 +33,17 @@ from monitor.analysis.detectors.projection import fit_pca, project
 
 class MMD:
     name = "mmd"
+    shares_pca = True  # fitted on the site's one PCA projection (baseline._fit_slots)
 
     def __init__(self, k: int = 16, features: int = 128, seed: int = 0) -> None:
         self.k = k
         self.features = features
         self.seed = seed
 
-    def fit(self, reference: np.ndarray, pca: tuple | None = None) -> MMD:
-        """Learn from reference activations; ``pca`` = a :func:`fit_pca` result to share between detectors."""
+    def fit(self, reference: np.ndarray, pca: tuple | None = None, groups: np.ndarray | None = None) -> MMD:
+        """Learn from reference activations; ``pca`` = a :func:`fit_pca` result to share between detectors.
+
+        ``groups`` is accepted like every multivariate detector's; this one does not need it."""
         ref = np.asarray(reference, dtype=np.float64)
         self.mean_, self.components_, self.sd_ = pca or fit_pca(ref, self.k)
         z = project(ref, self.mean_, self.components_, self.sd_)
