@@ -64,10 +64,10 @@ def test_exceptions_are_a_field_of_the_json_line():
     assert obj["exc_type"] == "RuntimeError" and "Traceback" in obj["exc"] and "boom-thread" in obj["msg"]
 
 
+@pytest.mark.integration  # the real sidecar as a subprocess
 def test_sidecar_logs_stay_json_when_the_source_fails(tmp_path_factory, tmp_path):
     artifacts = make_artifacts(tmp_path_factory.mktemp("logs"))
-    (tmp_path / "adir").mkdir()  # a directory where the signature file should be: every poll fails
-    port = free_port()
+    port = free_port()  # the signature file does not exist yet at start (a tap that has not written)
     config = {"baseline": str(artifacts / "baseline.safetensors"), "probes": str(artifacts / "probes"),
               "source": {"kind": "file", "path": str(tmp_path / "adir"), "poll_seconds": 0.1}, "port": port}
     (tmp_path / "c.yaml").write_text(json.dumps(config))
@@ -76,6 +76,8 @@ def test_sidecar_logs_stay_json_when_the_source_fails(tmp_path_factory, tmp_path
         proc = subprocess.Popen([sys.executable, "-m", "monitor", "serve", "-c", str(tmp_path / "c.yaml")],
                                 stdout=subprocess.DEVNULL, stderr=f)
         try:
+            wait_for(lambda: get(f"http://127.0.0.1:{port}/healthz")[0] == 200, what="the sidecar")
+            (tmp_path / "adir").mkdir()  # then a directory appears where the file should be: every poll fails
             wait_for(lambda: "IsADirectoryError" in err.read_text(), what="a logged source failure")
             assert get(f"http://127.0.0.1:{port}/healthz")[0] == 200
         finally:

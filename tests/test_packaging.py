@@ -162,16 +162,18 @@ def test_serve_replay_metrics_from_the_install(install):
     assert cards.returncode == 0, cards.stderr
     assert "injection" in cards.stdout and "toxicity" in cards.stdout
 
-    port = free_port()
+    port, iport = free_port(), free_port()
+    (work / "token").write_text("t0ken-" + "x" * 26)  # ingest is opt-in and credentialed (its own port)
     (work / "sidecar.yaml").write_text(json.dumps({
-        "baseline": "baseline.safetensors", "probes": "probes", "source": {"kind": "none"}, "port": port}))
+        "baseline": "baseline.safetensors", "probes": "probes", "source": {"kind": "none"}, "port": port,
+        "ingest": {"enabled": True, "port": iport, "token_file": "token"}}))
     proc = subprocess.Popen([str(venv / "bin" / "latentwatch"), "serve", "-c", "sidecar.yaml"], cwd=work,
                             env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_for(lambda: proc.poll() is not None or get(f"http://127.0.0.1:{port}/readyz")[0] == 200, what="readyz")
         assert proc.poll() is None, proc.stderr.read()
-        sent = installed(venv, "latentwatch", "replay", "stream.lwsr", "--url", f"http://127.0.0.1:{port}/ingest",
-                         "--batch", "50", cwd=work)
+        sent = installed(venv, "latentwatch", "replay", "stream.lwsr", "--url", f"http://127.0.0.1:{iport}/ingest",
+                         "--batch", "50", "--token-file", "token", cwd=work)
         assert sent.returncode == 0, sent.stderr
         assert json.loads(sent.stdout)["accepted"] == 500
         m = metrics(port)

@@ -8,6 +8,8 @@ import pytest
 from monitor.ops.report import build_report, time_axis
 from tests.test_analyzer import CONFIG, make_records, probes
 
+pytestmark = pytest.mark.slow  # builds a baseline and renders plots
+
 
 def test_time_axis_picks_a_unit_and_falls_back_to_record_numbers():
     x, label = time_axis(np.array([100.0, 130.0, 160.0]))

@@ -20,6 +20,8 @@ from tests.test_analyzer import FP, make_records
 from tests.test_kafka import caught_up, scalar, sink_for, start_sidecar
 from tests.test_sidecar import make_artifacts, metrics, start, stop, wait_for
 
+pytestmark = pytest.mark.integration  # real sidecars (subprocesses), a Kafka broker
+
 
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory):

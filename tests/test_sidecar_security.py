@@ -16,6 +16,8 @@ from collectors.record import encode
 from tests.test_analyzer import make_records
 from tests.test_sidecar import TOKEN, get, ingest_port, make_artifacts, start, stop, wait_for
 
+pytestmark = pytest.mark.integration  # the real sidecar on loopback
+
 MiB = 1 << 20
 
 

@@ -1,0 +1,210 @@
+"""Group-aware calibration: the budget holds on traffic from groups the baseline never saw.
+
+The synthetic streams have the structure real traffic has: records come in groups (documents,
+sessions, tenants, hours) and every group carries its own offset. The tests show the mechanism:
+with ``group_by`` the observed false-alarm rate on new groups is near the budget, and with
+``group_by: record`` (resampling the baseline's own records, the old design) it is several times it.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from threadpoolctl import threadpool_limits
+
+from collectors.record import Record
+from monitor.analysis import calibration
+from monitor.analysis.analyzer import Analyzer
+from monitor.analysis.arrays import ArrayMonitor
+from monitor.analysis.baseline import AnalyzerConfig, Baseline, BaselineError
+from monitor.analysis.detectors import ConceptRate, FullMeanShift, MeanShift, NearestNeighbourNovelty
+from monitor.analysis.detectors.pca_error import PCAReconstructionError
+
+D = 64
+
+
+def grouped(rng: np.random.Generator, n_groups: int, per: int, spread: float = 0.3) -> tuple[np.ndarray, np.ndarray]:
+    """``n_groups`` groups of ``per`` records in ``D`` dims; each group offset ~ N(0, spread²) per dim."""
+    offsets = rng.normal(0, spread, size=(n_groups, D))
+    g = np.repeat(np.arange(n_groups), per)
+    return rng.normal(size=(n_groups * per, D)) + offsets[g], g
+
+
+def false_alarm_ratio(monitor: ArrayMonitor, rng: np.random.Generator, streams: int, ert: float) -> float:
+    """Observed false alarms / budgeted ones on no-shift streams of 10 new groups each (groups in sequence)."""
+    alarms = fed = 0
+    for _ in range(streams):
+        monitor.analyzer_ = Analyzer(monitor.baseline_, None, log_alarms=False)
+        x, _ = grouped(rng, 10, 40)
+        alarms += len(monitor.update(x))
+        fed += len(x)
+    return alarms / (fed / ert)
+
+
+@pytest.mark.slow
+def test_grouped_calibration_holds_the_budget_on_new_groups_and_record_resampling_does_not():
+    ert = 500
+    with threadpool_limits(1):
+        rng = np.random.default_rng(3)
+        x, g = grouped(rng, 40, 40)
+        by_group = ArrayMonitor(window=20, stride=5, false_alarm_every=ert, pca_components=8).fit(x, g)
+        by_record = ArrayMonitor(window=20, stride=5, false_alarm_every=ert, pca_components=8).fit(x)
+        grouped_ratio = false_alarm_ratio(by_group, np.random.default_rng(100), 120, ert)
+        record_ratio = false_alarm_ratio(by_record, np.random.default_rng(100), 120, ert)
+    assert 0.3 <= grouped_ratio <= 1.5, grouped_ratio
+    assert record_ratio > 3, record_ratio
+    design = by_group.baseline_.info["calibration_design"]
+    assert design["folds"] == 4 and design["groups"] == 40
+    assert sum(f["groups"] for f in design["per_fold"]) == 40
+    assert all(f["pseudo_groups"] > 0 for f in design["per_fold"])
+    assert any("group_by record" in w for w in by_record.warnings)
+
+
+def test_pca_error_one_extreme_record_moves_a_window_by_a_bounded_amount():
+    rng = np.random.default_rng(0)
+    basis = rng.normal(size=(4, 32))
+    ref = rng.normal(size=(4000, 4)) @ basis + 0.1 * rng.normal(size=(4000, 32))
+    det = PCAReconstructionError(k=4).fit(ref)
+    window = rng.normal(size=(50, 4)) @ basis + 0.1 * rng.normal(size=(50, 32))
+    extreme = window.copy()
+    extreme[7] += 40.0 * rng.normal(size=32)  # far off the subspace: ~10^5 times the usual residual
+    before = det.statistic(det.transform(window)[None])[0]
+    after = det.statistic(det.transform(extreme)[None])[0]
+    assert 0 < after - before <= det.max_step(50) + 1e-9
+    assert det.max_step(50) < 2.0  # one record cannot page anyone (thresholds sit at several units)
+    # unclipped, the same record would have moved the statistic by orders of magnitude more
+    raw = det._residual(extreme[7:8])[0] / det.scale_
+    assert raw / (det.sigma_ * np.sqrt(50)) > 100 * det.max_step(50)
+
+
+def test_pca_error_moments_are_out_of_sample():
+    """In-sample residuals are smaller than fresh ones; moments from the other half are not."""
+    rng = np.random.default_rng(1)
+    ref = rng.normal(size=(600, 40)) * np.linspace(2, 0.5, 40)
+    det = PCAReconstructionError(k=16).fit(ref)
+    fresh = rng.normal(size=(20000, 40)) * np.linspace(2, 0.5, 40)
+    z = det.statistic(det.transform(fresh).reshape(100, 200, 1))
+    assert abs(float(np.mean(z))) < 1.5  # centred on fresh data (in-sample moments put it at several units)
+
+
+def out_of_subspace_shift(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    scales = np.concatenate([np.linspace(6, 3, 16), np.full(D - 16, 0.5)])
+    ref = rng.normal(size=(4000, D)) * scales
+    shift = np.zeros(D)
+    shift[16:] = 0.12  # only directions outside the top 16
+    return ref, scales, shift
+
+
+def test_full_dimension_mean_shift_sees_a_shift_outside_the_top_components():
+    rng = np.random.default_rng(2)
+    ref, scales, shift = out_of_subspace_shift(rng)
+    inv_var = 1 / scales**2
+    assert (shift**2 * inv_var)[16:].sum() / (shift**2 * inv_var).sum() > 0.997  # Mahalanobis mass outside
+    dets = [FullMeanShift(k=16).fit(ref), MeanShift(k=16).fit(ref)]
+    pool = rng.normal(size=(20000, D)) * scales
+    sim = calibration.simulate(dets, [d.transform(pool) for d in dets], window=200, stride=50, evaluations=4000)
+    thresholds, _ = calibration.calibrate(sim, 20_000)
+    moved = rng.normal(size=(200, D)) * scales + shift
+    full, top = (d.statistic(d.transform(moved)[None])[0] for d in dets)
+    assert full > thresholds[0]  # seen
+    assert top < thresholds[1]  # the top-16 test is blind to it
+    names = dets[0].component_names()
+    assert names[int(np.argmax(dets[0].components(dets[0].transform(moved))))] == "outside_top16"
+
+
+def test_novelty_has_power_on_a_ten_percent_mixture():
+    rng = np.random.default_rng(4)
+    ref = rng.normal(size=(4000, 32))
+    dets = [NearestNeighbourNovelty(k=8).fit(ref), MeanShift(k=8).fit(ref)]
+    pool = rng.normal(size=(20000, 32))
+    sim = calibration.simulate(dets, [d.transform(pool) for d in dets], window=100, stride=10, evaluations=6000)
+    thresholds, _ = calibration.calibrate(sim, 5000)
+    far = rng.normal(size=(32,))
+    far *= 10.0 / np.linalg.norm(far)  # new kinds of record, 10 sd away on either side: the mean does not move
+    sign = rng.choice([-1.0, 1.0], size=(100, 1))
+    mixed = rng.normal(size=(100, 32)) + np.where(rng.random((100, 1)) < 0.1, sign * far, 0.0)
+    novelty, mean = (d.statistic(d.transform(mixed)[None])[0] for d in dets)
+    assert novelty > thresholds[0]
+    assert mean < thresholds[1]  # the mean-based test is blind to it
+
+
+def test_binomial_concept_rate_sees_a_doubling_at_the_default_window():
+    rng = np.random.default_rng(5)
+    det = ConceptRate(thresholds=[0.5, 0.5]).fit(np.stack([rng.random(20000) < 0.05,
+                                                           rng.random(20000) < 0.005], axis=1) * 0.9)
+    pool = np.stack([rng.random(40000) < 0.05, rng.random(40000) < 0.005], axis=1) * 0.9
+    sim = calibration.simulate([det], [det.transform(pool)], window=200, stride=50, evaluations=40_000)
+    (threshold,), _ = calibration.calibrate(sim, 20_000)
+    caught = 0
+    for _ in range(50):
+        doubled = np.stack([rng.random(200) < 0.10, rng.random(200) < 0.005], axis=1) * 0.9
+        caught += det.statistic(det.transform(doubled)[None])[0] > threshold
+    assert caught >= 25  # a doubling of a 5 % concept is seen in most windows of 200 at 1 per 20,000
+    assert det.components(det.transform(doubled))[0] > det.components(det.transform(doubled))[1]
+
+
+def records(n: int, rng: np.random.Generator, meta=None, ts=None) -> list[Record]:
+    return [Record(model="m", fingerprint="sha256:" + "ef" * 16, key=f"{i:032x}", n_tokens=8,
+                   ts=0.0 if ts is None else ts(i), meta={} if meta is None else meta(i),
+                   sites={"layers.1.resid": {"mean": rng.normal(size=8).astype(np.float32),
+                                             "last": rng.normal(size=8).astype(np.float32),
+                                             "norm": np.abs(rng.normal(5, 1, size=2)).astype(np.float32)}})
+            for i in range(n)]
+
+
+def test_group_by_errors_and_warnings_name_the_numbers():
+    rng = np.random.default_rng(6)
+    cfg = {"window": 20, "stride": 5, "false_alarm_every": 500, "pca_components": 4}
+    few = records(400, rng, meta=lambda i: {"tenant": str(i % 6)})
+    with pytest.raises(BaselineError, match=r"6 groups by meta:tenant.*at least 8"):
+        Baseline.build(few, None, AnalyzerConfig(group_by="meta:tenant", **cfg))
+    with pytest.raises(BaselineError, match="400 of 400 records have no metadata key 'doc'"):
+        Baseline.build(few, None, AnalyzerConfig(group_by="meta:doc", **cfg))
+    hourly = records(600, rng, ts=lambda i: 3600.0 * 500_000 + 60.0 * i)  # 10 hours
+    base = Baseline.build(hourly, None, AnalyzerConfig(group_by="ts:3600", **cfg))
+    assert base.info["groups"] == 10 and base.config.group_by == "ts:3600"
+    assert any("10 groups by ts:3600" in w and "at least 20" in w for w in base.info["warnings"])
+    with pytest.raises(ValueError, match="group_by"):
+        AnalyzerConfig(group_by="tenant")
+
+
+def test_unreachable_budget_is_warned_with_numbers():
+    rng = np.random.default_rng(7)
+    recs = records(600, rng, meta=lambda i: {"doc": str(i // 20)})
+    base = Baseline.build(recs, None, AnalyzerConfig(window=50, stride=10, false_alarm_every=10_000_000,
+                                                     max_calibration_evaluations=2000, group_by="meta:doc",
+                                                     pca_components=4))
+    text = " ".join(base.info["warnings"])
+    assert "beyond what 2,000 simulated evaluations resolve" in text
+    assert "windows' worth of reference records in 30 groups" in text
+
+
+def test_a_version_1_baseline_is_refused_with_a_clear_message(tmp_path):
+    from safetensors.numpy import save_file
+
+    from monitor.analysis.baseline import _digest
+
+    meta = json.dumps({"format": "latentwatch-baseline", "version": 1})
+    arrays = {"0/x": np.zeros(2)}
+    save_file(arrays, str(tmp_path / "old.safetensors"),
+              metadata={"latentwatch": meta, "sha256": _digest(meta, arrays)})
+    with pytest.raises(BaselineError, match=r"v1, this build reads v2.*without groups.*latentwatch baseline build"):
+        Baseline.load(tmp_path / "old.safetensors")
+
+
+def test_array_monitor_refuses_bad_input():
+    rng = np.random.default_rng(8)
+    x, g = grouped(rng, 12, 30)
+    mon = ArrayMonitor(window=20, stride=5, false_alarm_every=500, pca_components=4).fit(x, g)
+    with pytest.raises(ValueError, match="64 columns"):
+        mon.update(np.zeros((5, 10)))
+    with pytest.raises(ValueError, match="one label per reference row"):
+        ArrayMonitor(window=20, stride=5).fit(x, g[:-1])
+    with pytest.raises(ValueError, match="finite"):
+        ArrayMonitor(window=20, stride=5).fit(np.full((100, 3), np.nan))
+    bad = np.zeros((3, 64))
+    bad[1, 0] = np.inf
+    mon.update(bad)  # a non-finite row is counted and skipped, never mixed into the state
+    assert mon.analyzer_.stats.invalid_total["nonfinite"] == 1
