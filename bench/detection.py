@@ -66,7 +66,7 @@ def main() -> None:
     fp = fingerprint(lm.model)
     sites = ["layers.9.resid", "layers.19.resid", "layers.29.resid", "layers.29.attn"]
     try:
-        probes = ProbeSet.load_dir(pack_dir(fp), fingerprint=fp)
+        probes = ProbeSet.load_dir(pack_dir(fp), fingerprint=fp)  # the full-size built-in pack
         probe_kind = f"built-in pack ({len(probes.concepts)} concepts)"
     except ProbeError:
         probes, probe_kind = None, "none (train the built-in pack for concept detectors)"

@@ -19,8 +19,9 @@ key; the key itself never leaves the process), ``n_tokens``, ``meta`` (at most 1
 ``text`` (only when the operator enabled it, else absent) and ``arrays``: a list of
 ``{"site", "name", "dtype" ("f4"|"f2"), "shape"}``.
 
-Arrays per site: ``mean`` and ``last`` (pooled activations, ``[d]``), ``norm`` (``[2]``: mean and last
-token L2 norm) for activation sites; ``heads`` (``[n_heads, 4]``, see
+Arrays per site: ``mean``, ``last`` and ``wmax`` (pooled activations, ``[d]``; ``wmax`` is the windowed
+max of :mod:`collectors.signature`, absent from records written before it existed, which still decode),
+``norm`` (``[2]``: mean and last token L2 norm) for activation sites; ``heads`` (``[n_heads, 4]``, see
 :data:`STAT_NAMES`) for attention sites.
 
 :func:`decode` accepts arbitrary bytes and either returns a :class:`Record` or raises

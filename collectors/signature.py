@@ -4,6 +4,10 @@ For an activation site, each sampled request leaves:
 
 * ``mean`` -- mean of the token vectors over the request's real tokens (attention mask = 1);
 * ``last`` -- the vector at the last real token (what a causal LM predicts the next token from);
+* ``wmax`` -- windowed max: the mean over every run of :data:`WINDOW` consecutive real tokens (a rolling
+  mean), then the elementwise max over those windows; a request shorter than the window has one window,
+  all of it (so ``wmax`` equals ``mean``). A short span (an injected instruction in a long e-mail) keeps
+  its weight here, where ``mean`` dilutes it, without the noise of a per-token max;
 * ``norm`` -- ``[mean token L2 norm, last token L2 norm]``.
 
 For an attention site, ``heads`` -- ``[n_heads, 4]``, see :func:`collectors.attention.head_statistics`.
@@ -14,9 +18,11 @@ uses the mask.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from collectors import attention
 
+WINDOW = 8  # real tokens per window of the ``wmax`` pooling
 
 def first_last_index(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices of the first and last real token of each row of a ``[rows, T]`` 0/1 mask."""
@@ -41,8 +47,30 @@ def align_mask(mask: torch.Tensor, tokens: int) -> torch.Tensor:
     raise ValueError(f"attention mask covers {mask.shape[1]} tokens but the activations have {tokens}")
 
 
+def windowed_max(h: torch.Tensor, mask: torch.Tensor, window: int = WINDOW) -> torch.Tensor:
+    """Elementwise max over the rolling means of ``window`` consecutive real tokens: ``[rows, T, d]`` -> ``[rows, d]``.
+
+    Real tokens are contiguous (left or right padding). A window ending at a real token counts when it
+    holds ``min(window, n_real)`` real tokens, so a request shorter than the window pools to its mean.
+    Window sums are direct sums (``avg_pool1d``), not differences of cumulative sums, which lose
+    precision on the residual stream's large activations.
+    """
+    m = mask.to(h.dtype)
+    hm = (h * m[..., None]).transpose(1, 2)  # [rows, d, T]
+    # left-pad by window - 1 so output position i is the window of positions (i - window, i]
+    sums = F.avg_pool1d(F.pad(hm, (window - 1, 0)), window, stride=1) * window
+    counts = F.avg_pool1d(F.pad(m[:, None, :], (window - 1, 0)), window, stride=1)[:, 0] * window  # [rows, T]
+    need = m.sum(1, keepdim=True).clamp(min=1, max=window)
+    valid = mask.bool() & (counts.round() >= need)
+    rolling = sums / counts.clamp_min(1)[:, None, :]
+    rolling = rolling.masked_fill(~valid[:, None, :], float("-inf"))
+    out = rolling.amax(2)
+    return torch.where(torch.isfinite(out), out, torch.zeros_like(out))  # an all-padding row: zeros, like mean
+
+
 def pool_activations(hidden: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-    """``hidden`` ``[rows, T, d]``, ``mask`` ``[rows, T]`` -> ``{"mean": [rows, d], "last": .., "norm": [rows, 2]}``.
+    """``hidden`` ``[rows, T, d]``, ``mask`` ``[rows, T]`` -> ``{"mean": [rows, d], "last": .., "wmax": ..,
+    "norm": [rows, 2]}``.
 
     A mask longer than ``T`` (cache + input) is aligned to its last ``T`` columns.
     """
@@ -55,7 +83,7 @@ def pool_activations(hidden: torch.Tensor, mask: torch.Tensor) -> dict[str, torc
     last = h[torch.arange(h.shape[0], device=h.device), last_idx]
     token_norms = h.norm(dim=-1)
     norm = torch.stack([(token_norms * m).sum(1) / count[:, 0], last.norm(dim=-1)], dim=-1)
-    return {"mean": mean, "last": last, "norm": norm}
+    return {"mean": mean, "last": last, "wmax": windowed_max(h, mask), "norm": norm}
 
 
 def attention_heads(cap: attention.AttentionCapture, mask: torch.Tensor) -> torch.Tensor:

@@ -288,7 +288,7 @@ def probes_train(
     if not loaded_specs:
         fail("give spec files or --builtin")
     lm = models.load(model)
-    out = out or pack_dir(fingerprint(lm.model))
+    out = out or pack_dir(fingerprint(lm.model), loaded_specs, max_per_source=max_per_source)
     probes = train_specs(loaded_specs, lm, out, max_per_source=max_per_source, site=site,
                          search_layers=search_layers)
     _print_cards([p.card for p in probes])
@@ -310,13 +310,17 @@ def probes_show(folder: Path = typer.Argument(..., help="folder of *.probe.json 
 @probes_app.command("eval")
 def probes_eval(
     probe: Path = typer.Argument(..., help="a *.probe.json file"),
-    file: Path = typer.Option(..., help="labelled CSV or JSONL file"),
+    file: Path = typer.Option(None, help="labelled CSV or JSONL file (with --positive)"),
+    ordinary: Path = typer.Option(None, help="CSV or JSONL sample of your own ordinary traffic: will it fire?"),
     label_field: str = typer.Option("label", help="field holding the label"),
-    positive: list[str] = typer.Option(..., help="label value(s) meaning the concept is present"),
+    positive: list[str] = typer.Option(None, help="label value(s) meaning the concept is present"),
     text_field: str = typer.Option("text", help="field holding the text"),
+    target_fpr: float = typer.Option(0.01, help="with --ordinary: propose a threshold for this share"),
+    as_json: bool = typer.Option(False, "--json", help="print the result as one JSON object"),
     model: str = typer.Option("smollm2", help="the model the probe was trained on"),
 ) -> None:
-    """Score a labelled file with a probe and compare with its card; exit 1 when quality dropped."""
+    """Score a labelled file (--file, --positive) or a sample of ordinary traffic (--ordinary) with a probe
+    and compare with its card; exit 1 when quality dropped or the probe fires on the ordinary traffic."""
     require("train", "torch", "transformers", "sklearn")
     import numpy as np
 
@@ -324,38 +328,96 @@ def probes_eval(
     from monitor.probes.activations import FeatureCache
     from monitor.probes.concepts import SourceSpec
     from monitor.probes.probe import Probe, ProbeError
-    from monitor.probes.train import evaluate
+    from monitor.probes.train import evaluate, evaluate_ordinary
 
+    if (file is None) == (ordinary is None):
+        fail("give either --file (labelled, with --positive) or --ordinary (a sample of ordinary traffic)")
+    if file is not None and not positive:
+        fail("--file needs --positive: the label value(s) meaning the concept is present")
+    if not 0 < target_fpr < 0.5:
+        fail(f"--target-fpr must be between 0 and 0.5, got {target_fpr}")
     lm = models.load(model)
     cache = FeatureCache(lm)
     try:
         p = Probe.load(probe, fingerprint=cache.fingerprint)
-        rows = SourceSpec(source="file", path=str(file), text_field=text_field).load()
+        rows = SourceSpec(source="file", path=str(file or ordinary), text_field=text_field).load()
     except (ProbeError, ValueError, FileNotFoundError) as exc:
         fail(str(exc))
-    missing = [i for i, t in enumerate(rows, 1) if label_field not in t.labels]
-    if missing:
-        fail(f"rows {missing[:5]} have no field {label_field!r}")
-    labels = np.array([int(t.labels[label_field] in positive) for t in rows])
-    if labels.min() == labels.max():
-        fail(f"need both classes; labels {positive} matched {labels.sum()} of {len(rows)}")
-    result = evaluate(p, lm, cache, [t.text for t in rows], labels)
-    console.print_json(json.dumps(result))
+    if not rows:
+        fail(f"{file or ordinary}: no texts in field {text_field!r}")
+    if ordinary is not None:
+        result = evaluate_ordinary(p, lm, cache, [t.text for t in rows], target_fpr=target_fpr,
+                                   progress=not as_json)
+    else:
+        missing = [i for i, t in enumerate(rows, 1) if label_field not in t.labels]
+        if missing:
+            fail(f"rows {missing[:5]} have no field {label_field!r}")
+        labels = np.array([int(t.labels[label_field] in positive) for t in rows])
+        if labels.min() == labels.max():
+            fail(f"need both classes; labels {positive} matched {labels.sum()} of {len(rows)}")
+        result = evaluate(p, lm, cache, [t.text for t in rows], labels, progress=not as_json)
+    if as_json:
+        typer.echo(json.dumps(result))
+    elif ordinary is not None:
+        _print_ordinary(result)
+    else:
+        console.print_json(json.dumps(result))
     if "warning" in result:
-        warn(result['warning'])
+        if not as_json:
+            warn(result["warning"])
         raise typer.Exit(1)
 
 
+def _print_ordinary(r: dict) -> None:
+    ci = r["ci95"]
+    console.print(f"{r['concept']} ({r['site']}/{r['pooling']}, threshold {r['threshold']:.4f}): "
+                  f"{r['above_threshold']} of {r['n']} ordinary texts at or above the threshold = "
+                  f"{r['above_threshold_rate']:.1%} (95 % interval {ci[0]:.1%}-{ci[1]:.1%}); "
+                  f"the card's worst held-out ordinary source: "
+                  f"{_fmt(r['card_max_ordinary_above_threshold_rate'], True)}")
+    table = Table(title="by input length (tokens)")
+    for col in ("length", "n", "above threshold", "95 % interval"):
+        table.add_column(col)
+    for name, v in r["by_length"].items():
+        table.add_row(name, str(v["n"]), f"{v['above_threshold_rate']:.1%}", f"{v['ci95'][0]:.1%}-{v['ci95'][1]:.1%}")
+    console.print(table)
+    console.print(f"proposed threshold for {r['target_fpr']:.1%} on this sample: {r['proposed_threshold']:.4f} "
+                  f"({r['proposed_threshold_note']})")
+    console.print(f"[dim]{r['caveat']}[/dim]")
+
+
+def _fmt(v: float | None, pct: bool = False) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.1%}" if pct else f"{v:.3f}"
+
+
 def _print_cards(cards: list[dict]) -> None:
-    table = Table(title="probe cards (held-out and cross-source AUROC; control = shuffled labels)")
-    for col in ("concept", "site", "held-out AUROC", "acc", "ECE", "control", "cross-source AUROC", "n"):
+    table = Table(title="probe cards (leave-one-source-out figures; threshold set at the card's target FPR on "
+                        "held-out ordinary sources)")
+    for col in ("concept", "site/pooling", "threshold", "worst ordinary source above thr (upper 95 %)",
+                "LOSO AUROC", "recall @thr / 1 % / 0.1 % FPR", "held-out families recall", "ECE", "control",
+                "cross-source AUROC"):
         table.add_column(col)
     for c in cards:
-        h = c["held_out"]
-        cross = ", ".join(f"{k}: {v['auroc']:.3f}" for k, v in c.get("cross_source", {}).items())
-        table.add_row(c["concept"], f"{c['site']}/{c['pooling']}", f"{h['auroc']:.3f}", f"{h['accuracy']:.3f}",
-                      f"{h['ece']:.3f}", f"{c['shuffled_label_control_auroc']:.3f}", cross or "-",
-                      str(c["training"]["train_size"] + c["training"]["held_out_size"]))
+        cross = ", ".join(f"{k}: {_fmt(v.get('auroc'))}" for k, v in c.get("cross_source", {}).items())
+        if "ordinary_sources" not in c:  # a card from before leave-one-source-out thresholds
+            h = c.get("held_out", {})
+            table.add_row(c["concept"], f"{c['site']}/{c['pooling']}", _fmt(c.get("threshold")), "-",
+                          _fmt(h.get("auroc")), "-", "-", _fmt(h.get("ece")),
+                          _fmt(c.get("shuffled_label_control_auroc")), cross or "-")
+            continue
+        worst_name, worst = max(c["ordinary_sources"].items(), key=lambda kv: kv[1]["above_threshold_rate"])
+        upper = max(v["ci95"][1] for v in c["ordinary_sources"].values())
+        r = c["recall"]
+        fams = ", ".join(f"{k}: {_fmt(v['above_threshold_rate'], True)}"
+                         for k, v in c.get("held_out_positive", {}).items())
+        table.add_row(c["concept"], f"{c['site']}/{c['pooling']}", _fmt(c["threshold"]),
+                      f"{_fmt(worst['above_threshold_rate'], True)} {worst_name} ({_fmt(upper, True)})",
+                      _fmt(c["loso_auroc"]),
+                      f"{_fmt(r['at_threshold']['above_threshold_rate'], True)} / {_fmt(r['at_1pct_fpr'], True)} / "
+                      f"{_fmt(r['at_0.1pct_fpr'], True)}",
+                      fams or "-", _fmt(c.get("ece")), _fmt(c.get("shuffled_label_control_auroc")), cross or "-")
     console.print(table)
     if cards:
         console.print(f"[dim]{cards[0]['caveat']}[/dim]")

@@ -26,7 +26,11 @@ def language_probe(smollm2, cache):
         concept="non_english",
         positive=[{"source": "chatterbot", "args": {"lang": "french"}},
                   {"source": "chatterbot", "args": {"lang": "german"}}],
-        negative=[{"source": "chatterbot", "args": {"lang": "english"}}],
+        negative=[{"source": "chatterbot", "args": {"lang": "english"}}, {"source": "tweets"},
+                  {"source": "rotten-tomatoes"}],
+        held_out_ordinary=[{"source": "python-docs"}],
+        held_out_positive={"spanish": [{"source": "chatterbot", "args": {"lang": "spanish"}}]},
+        topical={"english_food_quotes": [{"source": "fortunes", "args": {"lang": "en"}, "where": {"topic": "food"}}]},
         evaluations={"spanish_vs_tweets": {"positive": [{"source": "chatterbot", "args": {"lang": "spanish"}}],
                                            "negative": [{"source": "tweets"}]}},
         sites=["layers.5.resid", "layers.20.resid"],
@@ -37,12 +41,43 @@ def language_probe(smollm2, cache):
 
 def test_probe_beats_its_shuffled_label_control(language_probe):
     card = language_probe.card
-    assert card["held_out"]["n"] >= 25
+    assert card["held_out"]["n"] >= 150
     assert card["held_out"]["auroc"] >= 0.9
     assert card["shuffled_label_control_auroc"] <= 0.75
     assert card["cross_source"]["spanish_vs_tweets"]["auroc"] >= 0.7
     assert card["site"] in ("layers.5.resid", "layers.20.resid")
     assert set(card["site_selection_cv_auroc"]) == {"layers.5.resid", "layers.20.resid"}
+    assert "correlational" in card["caveat"]
+
+
+def test_card_answers_will_it_fire_on_my_traffic(language_probe):
+    card = language_probe.card
+    # the threshold is the leave-one-source-out one, not 0.5, and the artifact uses it
+    assert card["threshold"] == pytest.approx(language_probe.threshold, abs=1e-6)
+    assert 0.0 < language_probe.threshold < 1.0 and card["target_fpr"] == 0.01
+    assert "leave-one-source-out" in card["threshold_rule"]
+    assert card["training"]["folds"] == 3
+    assert set(card["ordinary_sources"]) == {"chatterbot[lang=english]", "tweets", "rotten-tomatoes"}
+    for entry in card["ordinary_sources"].values():
+        assert entry["n"] >= 35
+        assert entry["above_threshold_rate"] <= 0.01  # by construction of the rule (floor(0.01 * 40) = 0)
+        low, high = entry["ci95"]
+        assert low <= entry["above_threshold_rate"] <= high <= 0.15
+        assert 0 <= entry["above_blind_threshold"]["above_threshold_rate"] <= 1
+        assert entry["loso_auroc_vs_positives"] >= 0.9
+    assert card["loso_auroc"] >= 0.95
+    r = card["recall"]
+    assert 0.5 <= r["at_threshold"]["above_threshold_rate"] <= 1
+    assert r["at_0.1pct_fpr"] <= r["at_1pct_fpr"] + 1e-9
+    assert set(r["per_positive_source"]) == {"chatterbot[lang=french]", "chatterbot[lang=german]"}
+    assert card["held_out_positive"]["spanish"]["above_threshold_rate"] >= 0.5  # a language never trained on
+    assert card["held_out_ordinary"]["python-docs"]["n"] == 40
+    assert card["held_out_ordinary"]["python-docs"]["above_threshold_rate"] <= 0.2
+    assert card["topical"]["english_food_quotes"]["n"] == 40
+    assert 0 <= card["ece"] <= 0.2
+    assert card["by_length"] and all("ordinary" in v and "recall" in v for v in card["by_length"].values())
+    assert {e["pooling"] for e in card["selection"]} == {"mean", "last", "wmax"}
+    assert card["pooling"] in ("mean", "last", "wmax") and card["pooling"] == language_probe.pooling
     assert "correlational" in card["caveat"]
 
 
@@ -156,3 +191,35 @@ def test_probes_eval_command(language_probe, tmp_path):
                                  "--positive", "fr"], terminal_width=200)
     assert result.exit_code == 1
     assert "does not transfer" in result.output
+
+
+def test_probes_eval_ordinary_reports_the_share_above_threshold(language_probe, tmp_path):
+    from typer.testing import CliRunner
+
+    from monitor.cli import app
+    from monitor.probes import corpora
+
+    probe_path = language_probe.save(tmp_path / "non_english.probe.json")
+    english = tmp_path / "english.jsonl"
+    english.write_text("\n".join(json.dumps({"text": t.text})
+                                  for t in corpora.sample(corpora.fortunes("en"), 60, seed=31)))
+    runner = CliRunner()
+    result = runner.invoke(app, ["probes", "eval", str(probe_path), "--ordinary", str(english), "--json"])
+    assert result.exit_code in (0, 1), result.output
+    out = json.loads(result.output.strip().splitlines()[-1])
+    assert out["n"] == 60 and 0 <= out["above_threshold_rate"] <= 0.2
+    assert out["threshold"] == pytest.approx(language_probe.threshold)
+    assert out["ci95"][0] <= out["above_threshold_rate"] <= out["ci95"][1]
+    assert sum(v["n"] for v in out["by_length"].values()) == 60
+    assert 0 < out["proposed_threshold"] <= 1 and out["target_fpr"] == 0.01
+    assert "correlational" in out["caveat"]
+    # French traffic passed off as ordinary: the probe fires on it, and the command says so
+    french = tmp_path / "french.jsonl"
+    french.write_text("\n".join(json.dumps({"text": t.text})
+                                 for t in corpora.sample(corpora.dialog("french"), 40, seed=32)))
+    result = runner.invoke(app, ["probes", "eval", str(probe_path), "--ordinary", str(french), "--json"])
+    assert result.exit_code == 1
+    out = json.loads(result.output.strip().splitlines()[-1])
+    assert out["above_threshold_rate"] >= 0.5 and "would fire on this traffic" in out["warning"]
+    result = runner.invoke(app, ["probes", "eval", str(probe_path)])
+    assert result.exit_code == 2 and "either --file" in result.output

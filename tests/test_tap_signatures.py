@@ -7,7 +7,7 @@ import torch
 
 from collectors import QueueSink, Tap
 from collectors.attention import head_statistics
-from collectors.signature import first_last_index
+from collectors.signature import WINDOW, first_last_index, windowed_max
 from tests.conftest import TEXTS, encode
 
 
@@ -39,6 +39,33 @@ def test_pooled_vectors_match_hidden_states(smollm2, side):
             assert got["mean"] == pytest.approx(want_mean, rel=1e-5, abs=1e-4)
             assert got["last"] == pytest.approx(h[last[i]].numpy(), rel=1e-5, abs=1e-4)
             assert got["norm"][0] == pytest.approx(h[m].norm(dim=-1).mean().item(), rel=1e-5)
+            assert got["wmax"] == pytest.approx(_rolling_max(h[m], WINDOW).numpy(), rel=1e-5, abs=1e-4)
+
+
+def _rolling_max(x: torch.Tensor, window: int) -> torch.Tensor:
+    if len(x) < window:
+        return x.mean(0)
+    return torch.stack([x[j:j + window].mean(0) for j in range(len(x) - window + 1)]).amax(0)
+
+
+def test_windowed_max_on_short_long_and_padded_rows():
+    torch.manual_seed(0)
+    h = torch.randn(4, 12, 6) * 50
+    mask = torch.zeros(4, 12)
+    mask[0] = 1              # longer than the window, no padding
+    mask[1, :5] = 1          # shorter than the window, right padding: one window, the mean
+    mask[2, 3:] = 1          # left padding
+    mask[3, 4:12] = 1        # exactly one window
+    got = windowed_max(h, mask, 8)
+    for i in range(4):
+        m = mask[i].bool()
+        torch.testing.assert_close(got[i], _rolling_max(h[i][m], 8), atol=1e-4, rtol=1e-5)
+    assert torch.equal(windowed_max(h, torch.zeros(4, 12), 8), torch.zeros(4, 6))  # nothing real: zeros
+    # the windowed max keeps a short span a long mean dilutes
+    spike = torch.zeros(1, 100, 1)
+    spike[0, 40:48] = 1.0
+    pooled = windowed_max(spike, torch.ones(1, 100), 8)
+    assert pooled.item() == pytest.approx(1.0) and spike.mean().item() == pytest.approx(0.08)
 
 
 def _eager_reference(lm, batch, layer):
@@ -80,13 +107,18 @@ def test_encoder_attention_statistics_match_eager(minilm):
         assert rec.sites["layers.5.resid"]["mean"].shape == (384,)
 
 
+LONG = ("The committee met on Tuesday to review the budget for next year, and after a long discussion about "
+        "roads, schools and the new library it agreed to postpone the vote until the spring session.")
+
+
 @pytest.mark.parametrize("side", ["right", "left"])
-def test_same_text_alone_and_in_padded_batch(smollm2, side):
+@pytest.mark.parametrize("which", [0, 1])  # shorter than the wmax window; longer than it, padded to LONG
+def test_same_text_alone_and_in_padded_batch(smollm2, side, which):
     sites = ["layers.9.resid", "layers.9.attn", "layers.29.resid"]
-    text = TEXTS[0]  # the shortest: it gets padded
+    text = TEXTS[which]  # gets padded
     _, alone = _run(smollm2, sites, encode(smollm2, [text]))
-    _, batched = _run(smollm2, sites, encode(smollm2, TEXTS, side))
-    a, b = alone[0], batched[0]
+    _, batched = _run(smollm2, sites, encode(smollm2, [*TEXTS, LONG], side))
+    a, b = alone[0], batched[which]
     assert a.n_tokens == b.n_tokens
     for site in sites:
         for name, arr in a.sites[site].items():

@@ -98,7 +98,7 @@ class Analyzer:
         except (KeyError, ValueError, AttributeError):
             good = []
             for rec in valid:
-                reason = signals.invalid_reason(rec, fp, self.baseline.shapes)
+                reason = signals.invalid_reason(rec, fp, self.baseline.shapes, self.probes)
                 if reason is None:
                     good.append(rec)
                 else:

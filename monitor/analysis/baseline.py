@@ -98,10 +98,11 @@ class Baseline:
                                 f"{config.window}, got {len(records)}")
         first = records[0]
         shapes = signals.shapes_of(first)
-        bad = [r for r in records if signals.invalid_reason(r, first.fingerprint, shapes)]
+        bad = [r for r in records if signals.invalid_reason(r, first.fingerprint, shapes, probes)]
         if bad:
             raise BaselineError(f"{len(bad)} of {len(records)} reference records are invalid (another model, "
-                                f"other sites or NaN): {signals.invalid_reason(bad[0], first.fingerprint, shapes)}")
+                                f"other sites, a pooling the probes read but the records lack, or NaN): "
+                                f"{signals.invalid_reason(bad[0], first.fingerprint, shapes, probes)}")
         if probes is not None:
             if probes.fingerprint != first.fingerprint:
                 raise BaselineError(f"probes were trained on {probes.fingerprint}, records come from "

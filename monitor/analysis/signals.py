@@ -47,8 +47,13 @@ def component_names(family: str, shape: SiteShape | None, probes: ProbeSet | Non
     return []
 
 
-def invalid_reason(record: Record, fingerprint: str, shapes: dict[str, SiteShape]) -> str | None:
-    """Why a record cannot be used (``fingerprint``, ``shape``, ``nonfinite``), or None."""
+def invalid_reason(record: Record, fingerprint: str, shapes: dict[str, SiteShape],
+                   probes: ProbeSet | None = None) -> str | None:
+    """Why a record cannot be used (``fingerprint``, ``shape``, ``nonfinite``), or None.
+
+    ``wmax`` is optional (records from taps older than it lack it) unless a probe reads it; when present
+    it must have the site's dimension.
+    """
     if record.fingerprint != fingerprint:
         return "fingerprint"
     for site, shape in shapes.items():
@@ -64,6 +69,14 @@ def invalid_reason(record: Record, fingerprint: str, shapes: dict[str, SiteShape
                 a = arrays.get(name)
                 if a is None or a.shape != want:
                     return "shape"
+            w = arrays.get("wmax")
+            if w is not None and w.shape != (shape.dim,):
+                return "shape"
+    if probes is not None:
+        for site, poolings in probes.needs().items():
+            arrays = record.sites.get(site)
+            if arrays is None or any(arrays.get(p) is None or arrays[p].ndim != 1 for p in poolings):
+                return "shape"
     if not record.is_finite():
         return "nonfinite"
     return None

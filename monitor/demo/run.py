@@ -50,10 +50,14 @@ MAX_TOKENS = 48
 
 
 def load_or_train_pack(lm: model_zoo.LoadedModel, console: Console, max_per_source: int) -> ProbeSet:
-    """The cached built-in pack for this model, trained first if it is missing or incomplete."""
+    """The cached built-in pack for this model, trained first if it is missing or incomplete.
+
+    The cache folder is keyed by the pack's specs, the model fingerprint, the training code and the size,
+    so a changed pack or other code never reuses probes trained before (see :func:`pack_dir`).
+    """
     fp = fingerprint(lm.model)
-    folder = pack_dir(fp)
     specs = builtin_specs()
+    folder = pack_dir(fp, specs, max_per_source=max_per_source)  # keyed: specs, model, code, size
     try:
         pack = ProbeSet.load_dir(folder, fingerprint=fp)
         if set(pack.concepts) >= {s.concept for s in specs}:

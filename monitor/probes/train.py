@@ -2,37 +2,63 @@
 
 Procedure (all on activations captured by the tap, so training sees exactly what serving sees):
 
-1. Gather up to ``max_per_source`` texts per source; positives and negatives as the spec says.
-2. Hold out 25 % (stratified) for the card's figures; nothing below touches it until step 6.
-3. For every candidate site (the spec's ``sites``; else the tap's default sites, or every third layer
-   with ``search_layers``) and C in {0.01, 0.1, 1}: 5-fold cross-validated AUROC of
-   standardise + logistic regression (class-balanced) on the remaining 75 %. The best (site, C) wins,
-   unless the spec names one site.
-4. Fit on the 75 %, then Platt-calibrate on its cross-validated logits.
-5. Fold standardisation and calibration into one weight vector and bias.
-6. Card: held-out AUROC, accuracy, expected calibration error and Brier score; the same pipeline
-   trained on *shuffled* labels (a control that must sit near 0.5: a probe that beats its control
-   only slightly has learned little); cross-source AUROC on every evaluation set of the spec.
+1. Gather up to ``max_per_source`` texts per source: positives, *ordinary* negatives (many kinds of
+   text, each its own source), hard negatives (benign text that looks like the concept), and sets that
+   are never trained on (held-out ordinary sources, held-out positive families, topical benign text).
+2. Leave one ordinary source out at a time: fold ``k`` holds out all of ordinary source ``k`` and a
+   ``1/K`` share of the positives and hard negatives; the model of fold ``k`` is fitted on the rest.
+   Every training text thus gets an out-of-fold score, and every ordinary text a score from a model
+   that never saw its source.
+3. Candidates: every site (the spec's ``sites``; else the tap's default sites, or every third layer
+   with ``search_layers``) x pooling (mean, last token, windowed max; or the spec's one) x C in
+   :data:`C_GRID`, each standardise + class-balanced logistic regression. The threshold rule below is
+   applied to each candidate's out-of-fold scores; the candidate with the highest out-of-fold recall at
+   its threshold wins (ties: leave-one-source-out AUROC). So the pooling is chosen by recall at a fixed
+   false-positive rate on unseen sources, long-form sources included.
+4. **Threshold rule**: for each ordinary source, the lowest threshold that keeps at most
+   ``floor(target_fpr * n)`` of its held-out texts at or above it; the decision threshold is the
+   **maximum over sources** of those (every source, scored by a model that never saw it, stays within
+   the stated FPR). The card also reports the honest version: each source's share above the threshold
+   chosen from the *other* sources only.
+5. The chosen candidate is fitted on all training texts and Platt-calibrated on its out-of-fold logits;
+   standardisation and calibration fold into one weight vector and bias; the threshold maps through
+   the same calibration.
+6. Card: per ordinary source the share above threshold with a 95 % Clopper-Pearson interval;
+   leave-one-source-out AUROC; recall at the threshold, at 1 % and 0.1 % FPR, per positive source and
+   on held-out families; the share above threshold on held-out ordinary and topical sets; calibration
+   error; the same by input length; a shuffled-label control; cross-source AUROC per evaluation set.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy.stats import binomtest
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, brier_score_loss, roc_auc_score
-from sklearn.model_selection import StratifiedKFold, cross_val_predict, train_test_split
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from collectors.models import LoadedModel
+from collectors.signature import WINDOW
 from collectors.sites import default_sites, find_blocks
 from monitor.probes.activations import FeatureCache
-from monitor.probes.concepts import ConceptSpec, gather
+from monitor.probes.concepts import (
+    MIN_ORDINARY_SOURCES,
+    MIN_ORDINARY_TEXTS,
+    ConceptSpec,
+    builtin_specs,
+    gather,
+    gather_groups,
+)
+from monitor.probes.corpora import Text
 from monitor.probes.probe import CAVEAT, Probe, expected_calibration_error
 
 C_GRID = (0.01, 0.1, 1.0)
@@ -68,6 +94,147 @@ def _metrics(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
     }
 
 
+@dataclass
+class SpecTexts:
+    """A spec's texts by role, each role keyed by source label (disjoint: a text appears in one place)."""
+
+    positive: dict[str, list[Text]]
+    negative: dict[str, list[Text]]
+    hard_negative: dict[str, list[Text]]
+    held_out_ordinary: dict[str, list[Text]]
+    held_out_positive: dict[str, list[Text]]
+    topical: dict[str, list[Text]]
+
+    def all_texts(self) -> list[str]:
+        out: list[str] = []
+        for role in (self.positive, self.negative, self.hard_negative, self.held_out_ordinary,
+                     self.held_out_positive, self.topical):
+            out += [t.text for group in role.values() for t in group]
+        return list(dict.fromkeys(out))
+
+
+def collect(spec: ConceptSpec, limit: int, base: Path | None = None) -> SpecTexts:
+    """Gather every text the spec names. Held-out and topical texts are drawn first and kept out of the
+    training roles; a text labelled both positive and negative is dropped from both."""
+    seed = spec.seed
+    topical = {name: [t for g in gather_groups(srcs, limit, seed, base).values() for t in g]
+               for name, srcs in spec.topical.items()}
+    held_pos = {name: [t for g in gather_groups(srcs, limit, seed, base).values() for t in g]
+                for name, srcs in spec.held_out_positive.items()}
+    reserved = {t.text for role in (topical, held_pos) for g in role.values() for t in g}
+    held_ord = gather_groups(spec.held_out_ordinary, limit, seed, base, exclude=reserved)
+    reserved |= {t.text for g in held_ord.values() for t in g}
+    pos = gather_groups(spec.positive, limit, seed, base, exclude=reserved)
+    neg = gather_groups(spec.negative, limit, seed, base, exclude=reserved)
+    hard = gather_groups(spec.hard_negative, limit, seed, base, exclude=reserved)
+    pos_texts = {t.text for g in pos.values() for t in g}
+    neg_texts = {t.text for g in (*neg.values(), *hard.values()) for t in g}
+    both = pos_texts & neg_texts
+    if both:
+        pos = {k: [t for t in g if t.text not in both] for k, g in pos.items()}
+        neg = {k: [t for t in g if t.text not in both] for k, g in neg.items()}
+        hard = {k: [t for t in g if t.text not in both] for k, g in hard.items()}
+    n_ord = sum(len(g) for g in neg.values())
+    if n_ord < MIN_ORDINARY_TEXTS or sum(1 for g in neg.values() if g) < MIN_ORDINARY_SOURCES:
+        raise ValueError(f"concept {spec.concept!r}: {n_ord} ordinary negative texts from "
+                         f"{sum(1 for g in neg.values() if g)} sources; the leave-one-source-out threshold needs "
+                         f"at least {MIN_ORDINARY_TEXTS} ordinary texts from at least {MIN_ORDINARY_SOURCES} sources "
+                         f"(add sources under 'negative' or raise max_per_source)")
+    return SpecTexts(pos, neg, hard, held_ord, held_pos, topical)
+
+
+LENGTH_BUCKETS = ((1, 16), (17, 48), (49, 127))  # tokens; inputs at the truncation length form the last bucket
+THRESHOLD_RULE = ("max over ordinary sources of the lowest threshold keeping at most floor(target_fpr * n) of "
+                  "that source's texts at or above it, each source scored by a model fitted without it "
+                  "(leave-one-source-out)")
+
+
+def rate_ci(hits: int, n: int) -> tuple[float, float] | None:
+    """95 % Clopper-Pearson interval of a share ``hits / n`` (None without data)."""
+    if n == 0:
+        return None
+    ci = binomtest(int(hits), int(n)).proportion_ci(confidence_level=0.95, method="exact")
+    return (round(float(ci.low), 4), round(float(ci.high), 4))
+
+
+def _share(scores: np.ndarray, threshold: float) -> dict[str, Any]:
+    """Share of ``scores`` at or above ``threshold`` (the definition of a hit), with its interval."""
+    k, n = int((scores >= threshold).sum()), len(scores)
+    ci = rate_ci(k, n)
+    return {"n": n, "above_threshold": k, "above_threshold_rate": round(k / n, 4) if n else None,
+            "ci95": list(ci) if ci else None}
+
+
+def source_threshold(scores: np.ndarray, fpr: float) -> float:
+    """The lowest threshold with at most ``floor(fpr * n)`` of ``scores`` at or above it."""
+    allowed = int(np.floor(fpr * len(scores)))
+    if allowed >= len(scores):
+        return float("-inf")
+    top = np.sort(scores)[::-1]
+    return float(np.nextafter(top[allowed], np.inf))
+
+
+def loso_threshold(scores_by_source: dict[str, np.ndarray], fpr: float) -> float:
+    """The threshold rule (:data:`THRESHOLD_RULE`): the max over sources of :func:`source_threshold`."""
+    return max(source_threshold(v, fpr) for v in scores_by_source.values() if len(v))
+
+
+def threshold_for_fpr(scores: np.ndarray, fpr: float) -> float:
+    """The lowest threshold with at most ``floor(fpr * n)`` of pooled ordinary ``scores`` at or above it."""
+    return source_threshold(scores, fpr)
+
+
+def _folds(source: np.ndarray, ordinary: np.ndarray, ordinary_sources: list[str], seed: int) -> np.ndarray:
+    """Fold per text: ordinary texts by source; every other text spread over the folds within its source."""
+    k = len(ordinary_sources)
+    fold = np.full(len(source), -1, dtype=np.int64)
+    index = {s: i for i, s in enumerate(ordinary_sources)}
+    rng = np.random.default_rng(seed)
+    for i in np.flatnonzero(ordinary):
+        fold[i] = index[source[i]]
+    for src in sorted(set(source[~ordinary].tolist())):
+        rows = np.flatnonzero((source == src) & ~ordinary)
+        fold[rng.permutation(rows)] = np.arange(len(rows)) % k
+    return fold
+
+
+def _oof_logits(x: np.ndarray, y: np.ndarray, fold: np.ndarray, c: float, seed: int) -> np.ndarray:
+    out = np.empty(len(y), dtype=np.float64)
+    for k in range(int(fold.max()) + 1):
+        te = fold == k
+        if not te.any():
+            continue
+        pipe = _pipeline(c, seed).fit(x[~te], y[~te])
+        out[te] = pipe.decision_function(x[te])
+    return out
+
+
+def _bucket_names(max_tokens: int) -> list[str]:
+    return [f"{lo}-{hi}" for lo, hi in LENGTH_BUCKETS] + [f"{max_tokens}+ (truncated)"]
+
+
+def _bucket_of(n_tokens: np.ndarray, max_tokens: int) -> np.ndarray:
+    names = _bucket_names(max_tokens)
+    out = np.empty(len(n_tokens), dtype=object)
+    for (lo, hi), name in zip(LENGTH_BUCKETS, names, strict=False):
+        out[(n_tokens >= lo) & (n_tokens <= hi)] = name
+    out[n_tokens >= max_tokens] = names[-1]
+    out[(n_tokens > LENGTH_BUCKETS[-1][1]) & (n_tokens < max_tokens)] = names[-2]
+    return out
+
+
+def token_counts(lm: LoadedModel, texts: list[str], max_length: int) -> np.ndarray:
+    """Tokens per text after truncation at ``max_length`` (what the tap pools over)."""
+    if not texts:
+        return np.zeros(0, dtype=np.int64)
+    enc = lm.tokenizer(texts, truncation=True, max_length=max_length)
+    return np.array([len(ids) for ids in enc["input_ids"]], dtype=np.int64)
+
+
+def _auroc(y: np.ndarray, s: np.ndarray) -> float | None:
+    return round(float(roc_auc_score(y, s)), 4) if 0 < y.sum() < len(y) else None
+
+
 def train_probe(
     spec: ConceptSpec,
     lm: LoadedModel,
@@ -79,52 +246,130 @@ def train_probe(
     search_layers: bool = False,
     progress: bool = True,
 ) -> Probe:
-    """Train one probe for ``spec`` on ``lm``; the card records how it was measured."""
+    """Train one probe for ``spec`` on ``lm``; the card records how it was measured (see the module doc)."""
     t0 = time.perf_counter()
     limit = max_per_source or spec.max_per_source
-    pos = gather(spec.positive, limit, spec.seed, base)
-    neg = gather(spec.negative, limit, spec.seed + 100, base)
-    overlap = {t.text for t in pos} & {t.text for t in neg}
-    pos = [t for t in pos if t.text not in overlap]
-    neg = [t for t in neg if t.text not in overlap]
-    texts = [t.text for t in pos] + [t.text for t in neg]
-    y = np.array([1] * len(pos) + [0] * len(neg))
-    sources = np.array([t.source for t in pos] + [t.source for t in neg])
+    st = collect(spec, limit, base)
+    rows: list[tuple[str, str, int]] = []  # (text, source label, label); role follows from the dicts
+    texts: list[str] = []
+    source: list[str] = []
+    role: list[str] = []
+    for r, groups, label in (("positive", st.positive, 1), ("ordinary", st.negative, 0),
+                             ("hard_negative", st.hard_negative, 0)):
+        for src, group in groups.items():
+            for t in group:
+                texts.append(t.text)
+                source.append(src)
+                role.append(r)
+                rows.append((t.text, src, label))
+    y = np.array([r[2] for r in rows], dtype=np.int64)
+    source_arr = np.array(source, dtype=object)
+    role_arr = np.array(role, dtype=object)
+    ordinary = role_arr == "ordinary"
+    ordinary_sources = [s for s, g in st.negative.items() if g]
     if site:
         sites = [site]
     elif spec.sites:
         sites = spec.sites
     else:  # the sites the tap watches by default, so the probes need no extra capture
         sites = candidate_sites(len(find_blocks(lm.model)[1])) if search_layers else default_sites(lm.model)
-    feats = cache.get(texts, sites, progress=progress, description=f"{spec.concept}: activations")
+    extra = [t.text for role_groups in (st.held_out_ordinary, st.held_out_positive, st.topical)
+             for g in role_groups.values() for t in g]
+    feats = cache.get(list(dict.fromkeys(texts + extra)), sites, progress=progress,
+                      description=f"{spec.concept}: activations")
+    index = {t: i for i, t in enumerate(dict.fromkeys(texts + extra))}
+    train_rows = np.array([index[t] for t in texts], dtype=np.int64)
+    n_tokens = token_counts(lm, texts, cache.max_length)
+    fold = _folds(source_arr, ordinary, ordinary_sources, spec.seed)
+    pos = y == 1
 
-    idx_train, idx_test = train_test_split(np.arange(len(y)), test_size=0.25, stratify=y, random_state=spec.seed)
-    cv = StratifiedKFold(5, shuffle=True, random_state=spec.seed)
-    site_scores: dict[str, float] = {}
-    best: tuple[float, str, float] | None = None
-    for s in sites:
-        x = feats[s][spec.pooling][idx_train]
-        for c in C_GRID:
-            logits = cross_val_predict(_pipeline(c, spec.seed), x, y[idx_train], cv=cv, method="decision_function")
-            auc = float(roc_auc_score(y[idx_train], logits))
-            site_scores[s] = max(site_scores.get(s, 0.0), round(auc, 4))
-            if best is None or auc > best[0]:
-                best = (auc, s, c)
+    def evaluate_candidate(logits: np.ndarray) -> tuple[float, float, float]:
+        by_source = {s: logits[ordinary & (source_arr == s)] for s in ordinary_sources}
+        thr = loso_threshold(by_source, spec.target_fpr)
+        recall = float((logits[pos] >= thr).mean())
+        return thr, recall, _auroc(y[pos | ordinary], logits[pos | ordinary])
+
+    selection: list[dict[str, Any]] = []
+    best: tuple[tuple[float, float], str, str, float, np.ndarray] | None = None
+    long_bucket = _bucket_names(cache.max_length)[-1]
+    buckets = _bucket_of(n_tokens, cache.max_length)
+    for s_name in sites:
+        for pooling in spec.poolings():
+            x = feats[s_name][pooling][train_rows]
+            for c in C_GRID:
+                logits = _oof_logits(x, y, fold, c, spec.seed)
+                thr, recall, auc = evaluate_candidate(logits)
+                long_ord = ordinary & (buckets == long_bucket)
+                selection.append({
+                    "site": s_name, "pooling": pooling, "C": c, "recall_at_threshold": round(recall, 4),
+                    "loso_auroc": auc,
+                    "long_inputs_ordinary_above_threshold_rate":
+                        round(float((logits[long_ord] >= thr).mean()), 4) if long_ord.any() else None,
+                })
+                key = (recall, auc or 0.0)
+                if best is None or key > best[0]:
+                    best = (key, s_name, pooling, c, logits)
     assert best is not None
-    _, chosen, c = best
-    x_all = feats[chosen][spec.pooling]
-    x_tr, y_tr = x_all[idx_train], y[idx_train]
-    pipe = _pipeline(c, spec.seed).fit(x_tr, y_tr)
-    cv_logits = cross_val_predict(_pipeline(c, spec.seed), x_tr, y_tr, cv=cv, method="decision_function")
-    platt = LogisticRegression(C=1e6, max_iter=1000).fit(cv_logits.reshape(-1, 1), y_tr)
-    w, b = _fold(pipe, float(platt.coef_[0, 0]), float(platt.intercept_[0]))
-    probe = Probe(concept=spec.concept, site=chosen, pooling=spec.pooling, weights=w, bias=b, model=lm.name,
-                  fingerprint=cache.fingerprint)
+    _, chosen, pooling, c, oof = best
+    x_all = feats[chosen][pooling]
+    x_tr = x_all[train_rows]
+    pipe = _pipeline(c, spec.seed).fit(x_tr, y)
+    platt = LogisticRegression(C=1e6, max_iter=1000).fit(oof.reshape(-1, 1), y)
+    a, b = float(platt.coef_[0, 0]), float(platt.intercept_[0])
+    w, bias = _fold(pipe, a, b)
 
-    held_out = _metrics(y[idx_test], probe.score(x_all[idx_test]))
-    rng = np.random.default_rng(spec.seed)
-    control = _pipeline(c, spec.seed).fit(x_tr, rng.permutation(y_tr))
-    control_auc = round(float(roc_auc_score(y[idx_test], control.decision_function(x_all[idx_test]))), 4)
+    def calibrated(z: np.ndarray) -> np.ndarray:
+        return _sigmoid(a * np.asarray(z, dtype=np.float64) + b)
+
+    p_oof = calibrated(oof)
+    by_source = {s: p_oof[ordinary & (source_arr == s)] for s in ordinary_sources}
+    threshold = loso_threshold(by_source, spec.target_fpr)
+    probe = Probe(concept=spec.concept, site=chosen, pooling=pooling, weights=w, bias=bias, model=lm.name,
+                  fingerprint=cache.fingerprint, threshold=float(threshold))
+
+    def score_texts(group: list[Text]) -> np.ndarray:
+        return probe.score(x_all[[index[t.text] for t in group]]) if group else np.zeros(0, np.float32)
+
+    # per ordinary source: the share above the threshold, and above the threshold chosen without it
+    per_source: dict[str, Any] = {}
+    for s_name in ordinary_sources:
+        others = {k: v for k, v in by_source.items() if k != s_name}
+        blind = loso_threshold(others, spec.target_fpr) if others else threshold
+        mask = ordinary & (source_arr == s_name)
+        per_source[s_name] = {
+            **_share(by_source[s_name], threshold),
+            "threshold_without_this_source": round(blind, 6),
+            "above_blind_threshold": _share(by_source[s_name], blind),
+            "loso_auroc_vs_positives": _auroc(np.r_[np.ones(pos.sum()), np.zeros(mask.sum())],
+                                              np.r_[p_oof[pos], p_oof[mask]]),
+            "median_tokens": int(np.median(n_tokens[mask])),
+        }
+    pooled_ord = p_oof[ordinary]
+    recall = {
+        "at_threshold": _share(p_oof[pos], threshold),
+        "at_1pct_fpr": round(float((p_oof[pos] >= threshold_for_fpr(pooled_ord, 0.01)).mean()), 4),
+        "at_0.1pct_fpr": round(float((p_oof[pos] >= threshold_for_fpr(pooled_ord, 0.001)).mean()), 4),
+        "per_positive_source": {s_name: _share(p_oof[pos & (source_arr == s_name)], threshold)
+                                for s_name in st.positive if (pos & (source_arr == s_name)).any()},
+    }
+    train_mask = pos | ordinary | (role_arr == "hard_negative")
+    held_out = {**_metrics(y[train_mask], p_oof[train_mask]),
+                "accuracy_at_threshold": round(float(((p_oof >= threshold) == (y == 1)).mean()), 4),
+                "how": "out-of-fold scores, folds leaving one ordinary source out"}
+    by_length: dict[str, Any] = {}
+    for name in _bucket_names(cache.max_length):
+        m = buckets == name
+        if not m.any():
+            continue
+        entry: dict[str, Any] = {"ordinary": _share(p_oof[m & ordinary], threshold),
+                                 "recall": _share(p_oof[m & pos], threshold)}
+        if (m & pos).any() and (m & ordinary).any():
+            entry["ece"] = round(expected_calibration_error(y[m & (pos | ordinary)], p_oof[m & (pos | ordinary)]), 4)
+            entry["loso_auroc"] = _auroc(y[m & (pos | ordinary)], p_oof[m & (pos | ordinary)])
+        by_length[name] = entry
+
+    control_logits = _oof_logits(x_tr, np.random.default_rng(spec.seed).permutation(y), fold, c, spec.seed)
+    control_auc = _auroc(y, control_logits)
 
     evaluations: dict[str, Any] = {}
     for name, ev in spec.evaluations.items():
@@ -133,9 +378,12 @@ def train_probe(
         etexts = [t.text for t in epos] + [t.text for t in eneg]
         ey = np.array([1] * len(epos) + [0] * len(eneg))
         ef = cache.get(etexts, [chosen], progress=progress, description=f"{spec.concept}: {name}")
+        escores = probe.score(ef[chosen][pooling])
         evaluations[name] = {
             "positive": [s.label() for s in ev.positive], "negative": [s.label() for s in ev.negative],
-            **_metrics(ey, probe.score(ef[chosen][spec.pooling])),
+            **_metrics(ey, escores),
+            "recall_at_threshold": _share(escores[ey == 1], threshold)["above_threshold_rate"],
+            "negatives_above_threshold_rate": _share(escores[ey == 0], threshold)["above_threshold_rate"],
         }
 
     probe.card = {
@@ -144,27 +392,50 @@ def train_probe(
         "model": lm.name,
         "fingerprint": cache.fingerprint,
         "site": chosen,
-        "pooling": spec.pooling,
+        "pooling": pooling,
+        "pooling_window_tokens": WINDOW if pooling == "wmax" else None,
         "max_tokens": cache.max_length,
+        "threshold": round(float(threshold), 6),
+        "target_fpr": spec.target_fpr,
+        "threshold_rule": THRESHOLD_RULE,
         "training": {
             "positive_sources": [s.label() for s in spec.positive],
-            "negative_sources": [s.label() for s in spec.negative],
-            "texts_per_source": dict(Counter(sources.tolist())),
+            "ordinary_sources": ordinary_sources,
+            "hard_negative_sources": [s.label() for s in spec.hard_negative],
+            "texts_per_source": dict(Counter(source)),
             "positives": int(y.sum()), "negatives": int(len(y) - y.sum()),
-            "train_size": len(idx_train), "held_out_size": len(idx_test),
+            "folds": len(ordinary_sources),
             "regularization_C": c,
         },
-        "site_selection_cv_auroc": site_scores,
+        "selection": selection,
+        "site_selection_cv_auroc": {s_name: max(e["loso_auroc"] or 0.0 for e in selection if e["site"] == s_name)
+                                    for s_name in sites},
+        "ordinary_sources": per_source,
+        "max_ordinary_above_threshold_rate": max(v["above_threshold_rate"] for v in per_source.values()),
+        "max_ordinary_above_blind_threshold_rate":
+            max(v["above_blind_threshold"]["above_threshold_rate"] for v in per_source.values()),
+        "loso_auroc": _auroc(y[pos | ordinary], p_oof[pos | ordinary]),
+        "recall": recall,
+        "hard_negatives": {s_name: _share(p_oof[(role_arr == "hard_negative") & (source_arr == s_name)], threshold)
+                           for s_name in st.hard_negative},
+        "held_out_ordinary": {s_name: _share(score_texts(g), threshold) for s_name, g in st.held_out_ordinary.items()},
+        "held_out_positive": {s_name: _share(score_texts(g), threshold) for s_name, g in st.held_out_positive.items()},
+        "topical": {s_name: _share(score_texts(g), threshold) for s_name, g in st.topical.items()},
         "held_out": held_out,
+        "ece": held_out["ece"],
+        "by_length": by_length,
         "shuffled_label_control_auroc": control_auc,
         "cross_source": evaluations,
-        "calibration": "Platt scaling on 5-fold cross-validated logits of the training split",
-        "threshold": probe.threshold,
+        "calibration": "Platt scaling on the leave-one-source-out logits of the training texts",
         "caveat": CAVEAT,
         "trained_seconds": round(time.perf_counter() - t0, 1),
         "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     return probe
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.asarray(z, dtype=np.float64)))
 
 
 def evaluate(probe: Probe, lm: LoadedModel, cache: FeatureCache, texts: list[str], labels: np.ndarray,
@@ -189,17 +460,93 @@ def evaluate(probe: Probe, lm: LoadedModel, cache: FeatureCache, texts: list[str
     return out
 
 
+def evaluate_ordinary(probe: Probe, lm: LoadedModel, cache: FeatureCache, texts: list[str], *,
+                      target_fpr: float = 0.01, progress: bool = True) -> dict[str, Any]:
+    """Will the probe fire on this traffic? ``texts`` are a sample of the user's ordinary traffic (the concept
+    absent, or nearly): the share at or above the probe's threshold with a 95 % interval, the same by input
+    length, and the threshold that would hold ``target_fpr`` on this sample (:func:`threshold_for_fpr`)."""
+    if not texts:
+        raise ValueError("no ordinary texts to evaluate")
+    feats = cache.get(texts, [probe.site], progress=progress, description=f"{probe.concept}: ordinary")
+    scores = probe.score(feats[probe.site][probe.pooling])
+    n_tokens = token_counts(lm, texts, cache.max_length)
+    buckets = _bucket_of(n_tokens, cache.max_length)
+    share = _share(scores, probe.threshold)
+    proposed = threshold_for_fpr(scores.astype(np.float64), target_fpr)
+    card_rates = [v.get("above_threshold_rate") for v in probe.card.get("ordinary_sources", {}).values()]
+    out: dict[str, Any] = {
+        "concept": probe.concept, "site": probe.site, "pooling": probe.pooling, "threshold": probe.threshold,
+        **share,
+        "by_length": {name: _share(scores[buckets == name], probe.threshold)
+                      for name in _bucket_names(cache.max_length) if (buckets == name).any()},
+        "score_quantiles": {q: round(float(np.quantile(scores, float(q))), 4) for q in ("0.5", "0.9", "0.99")},
+        "target_fpr": target_fpr,
+        "proposed_threshold": round(min(proposed, 1.0), 6),
+        "proposed_threshold_note": (f"the lowest threshold with at most floor({target_fpr} * {len(texts)}) = "
+                                    f"{int(np.floor(target_fpr * len(texts)))} of these texts at or above it; "
+                                    "a sample of one source: check it on other days of traffic too"),
+        "card_max_ordinary_above_threshold_rate": max((r for r in card_rates if r is not None), default=None),
+    }
+    if share["ci95"] and share["ci95"][0] > target_fpr:
+        out["warning"] = (f"{share['above_threshold_rate']:.1%} of this traffic is at or above the threshold "
+                          f"(95 % interval {share['ci95'][0]:.1%}-{share['ci95'][1]:.1%}), above the "
+                          f"{target_fpr:.1%} the probe was set for: the probe would fire on this traffic; "
+                          f"consider the proposed threshold {out['proposed_threshold']:.4f} or retraining with "
+                          "this traffic as an ordinary source")
+    out["caveat"] = CAVEAT
+    return out
+
+
 def _auroc_se(a: float, n_pos: int, n_neg: int) -> float:
     q1, q2 = a / (2 - a), 2 * a * a / (1 + a)
     var = (a * (1 - a) + (n_pos - 1) * (q1 - a * a) + (n_neg - 1) * (q2 - a * a)) / max(1, n_pos * n_neg)
     return float(np.sqrt(max(var, 0.0)))
 
 
-def pack_dir(fingerprint: str) -> Path:
-    """Where the built-in concept pack for a model is cached."""
+TRAINING_VERSION = 2  # bump when training changes what a probe means (2: LOSO thresholds, poolings, new pack)
+_KEYED_SOURCES = ("monitor/probes/train.py", "monitor/probes/concepts.py", "monitor/probes/corpora.py",
+                  "monitor/probes/activations.py", "collectors/signature.py")
+
+
+def code_version() -> str:
+    """Package version + :data:`TRAINING_VERSION` + a hash of the code that turns texts into probes."""
+    from importlib import metadata
+
+    try:
+        package = metadata.version("latentwatch")
+    except metadata.PackageNotFoundError:
+        package = "unknown"
+    root = Path(__file__).resolve().parents[2]
+    h = hashlib.blake2b(digest_size=6)
+    for rel in _KEYED_SOURCES:
+        path = root / rel
+        h.update(path.read_bytes() if path.exists() else rel.encode())
+    return f"{package}+t{TRAINING_VERSION}+{h.hexdigest()}"
+
+
+def pack_key(specs: list[ConceptSpec], fingerprint: str, *, max_per_source: int | None = None,
+             max_length: int = 128) -> dict[str, Any]:
+    """What a trained pack depends on: the specs' content, the model, the code, the sizes."""
+    spec_body = json.dumps([s.model_dump(mode="json") for s in sorted(specs, key=lambda s: s.concept)],
+                           sort_keys=True, separators=(",", ":"))
+    return {"specs_sha256": hashlib.sha256(spec_body.encode()).hexdigest(), "fingerprint": fingerprint,
+            "code_version": code_version(), "max_per_source": max_per_source, "max_length": max_length,
+            "concepts": sorted(s.concept for s in specs)}
+
+
+def pack_dir(fingerprint: str, specs: list[ConceptSpec] | None = None, *, max_per_source: int | None = None,
+             max_length: int = 128) -> Path:
+    """Where a concept pack (default: the built-in one) trained on a model is cached.
+
+    The folder name is a hash of :func:`pack_key`: a changed spec, another model, other code or another
+    size never reuses probes trained before.
+    """
     from collectors.models import cache_dir
 
-    return cache_dir() / "probes" / fingerprint.replace(":", "-")
+    key = pack_key(specs if specs is not None else builtin_specs(), fingerprint, max_per_source=max_per_source,
+                   max_length=max_length)
+    digest = hashlib.blake2b(json.dumps(key, sort_keys=True).encode(), digest_size=8).hexdigest()
+    return cache_dir() / "probes" / fingerprint.replace(":", "-") / digest
 
 
 def train_specs(specs: list[ConceptSpec], lm: LoadedModel, out: Path, *, max_per_source: int | None = None,
@@ -208,6 +555,9 @@ def train_specs(specs: list[ConceptSpec], lm: LoadedModel, out: Path, *, max_per
     """Train a probe per spec and save each as ``OUT/<concept>.probe.json``."""
     cache = FeatureCache(lm, max_length=max_length)
     probes = []
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "pack.json").write_text(json.dumps(pack_key(specs, cache.fingerprint, max_per_source=max_per_source,
+                                                       max_length=max_length), indent=1))
     for spec in specs:
         probe = train_probe(spec, lm, cache, base=base, max_per_source=max_per_source, site=site,
                             search_layers=search_layers, progress=progress)
