@@ -213,6 +213,16 @@ class Analyzer:
             out += [(st.slot.name, name, value) for name, value in self.attribution(st, top=3)]
         return out[:top]
 
+    def concept_surge(self) -> tuple[dict[str, float], float] | None:
+        """Per concept, the current window's ``−log10`` binomial tail (``rate:scores`` components), and the
+        detector's calibrated threshold; None without a rate detector. NaN until the window is full."""
+        for st in self.states:
+            if st.slot.kind == "rate":
+                full = self._filled == self.window
+                values = st.slot.detector.components(st.buffer) if full else np.full(len(st.slot.components), np.nan)
+                return dict(zip(st.slot.components, map(float, values), strict=True)), st.slot.threshold
+        return None
+
     def concept_rates(self) -> dict[str, float]:
         """Share of scored records above each concept's threshold since start."""
         if self.probes is None or not self.scored_total:

@@ -99,9 +99,16 @@ def run_demo(model: str, out: Path, sample_rate: float, quick: bool, console: Co
     window, stride, budget = (20, 5, 1000) if quick else (30, 5, 5000)
     dialog = corpora.dialog("english")
     tweets = corpora.tweets()
-    base_texts = [t.text for t in corpora.sample(dialog, n_base // 2, seed=1) + corpora.sample(tweets, n_base // 2, 1)]
+    # groups, as real traffic has them: a dialog topic file, or a block of 80 consecutive tweets (the corpus
+    # concatenates its sub-corpora, so a block is one topic); calibration sees the variation between them
+    block = {t.text: f"tweets/{i // 80}" for i, t in enumerate(tweets)}
+    chosen = corpora.sample(dialog, n_base // 2, seed=1) + corpora.sample(tweets, n_base // 2, 1)
+    base_texts = [t.text for t in chosen]
     reference = cached_records(lm, base_texts, sites, "demo-baseline", max_length=MAX_TOKENS)
-    config = AnalyzerConfig(window=window, stride=stride, false_alarm_every=budget)
+    for rec, t in zip(reference, chosen, strict=True):
+        rec.meta = {**rec.meta, "doc": f"dialog/{t.labels['topic']}" if t.source.startswith("chatterbot")
+                    else block[t.text]}
+    config = AnalyzerConfig(window=window, stride=stride, false_alarm_every=budget, group_by="meta:doc")
     with step(console, "calibrating detectors to the false-alarm budget"):
         baseline = Baseline.build(reference, probes, config)
     baseline.save(out / "baseline.safetensors")

@@ -59,11 +59,14 @@ RECORDING = [
      "sum by (model_name, replica, stage) (rate(latentwatch_tap_dropped_total[5m]))"),
     ("latentwatch:concept_rate:max", "max by (model_name, concept) (latentwatch_concept_rate)"),
     ("latentwatch:concept_baseline_rate:max", "max by (model_name, concept) (latentwatch_concept_baseline_rate)"),
+    # per concept: the window's binomial tail against the rate detector's calibrated threshold (the same budget)
+    ("latentwatch:concept_surge_ratio:max",
+     "max by (model_name, concept) (latentwatch_concept_surge_statistic / on (instance, model_name) group_left "
+     "latentwatch_concept_surge_threshold)"),
 ]
 
 
-def alert_specs(job_selector: str = JOB_SELECTOR, surge_factor: float = 3.0, surge_min_rate: float = 0.1,
-                lag_records: int = 10_000) -> list[AlertSpec]:
+def alert_specs(job_selector: str = JOB_SELECTOR, lag_records: int = 10_000) -> list[AlertSpec]:
     return [
         AlertSpec(
             "LatentwatchConceptDrift", "critical", 'latentwatch:drift_ratio:max{signal="scores"} > 1', 120,
@@ -78,15 +81,15 @@ def alert_specs(job_selector: str = JOB_SELECTOR, surge_factor: float = 3.0, sur
             "threshold: the model's activations or attention at {{ $labels.signal }} no longer look like the "
             "baseline. Moved most: " + ATTRIBUTION),
         AlertSpec(
-            "LatentwatchConceptRateSurge", "critical",
-            f"latentwatch:concept_rate:max > {surge_factor:g} * clamp_min(latentwatch:concept_baseline_rate:max, 0.01) "
-            f"and latentwatch:concept_rate:max > {surge_min_rate:g}", 120,
+            "LatentwatchConceptRateSurge", "critical", "latentwatch:concept_surge_ratio:max > 1", 120,
             "{{ $labels.model_name }}: {{ $labels.concept }} rate surged",
-            "{{ $value | humanizePercentage }} of the last window of {{ $labels.model_name }}'s requests score above "
-            "the {{ $labels.concept }} probe threshold, against {{ with printf "
-            "\"latentwatch:concept_baseline_rate:max{model_name=%q, concept=%q}\" $labels.model_name $labels.concept "
-            "| query }}{{ . | first | value | humanizePercentage }}{{ end }} in the baseline "
-            f"(alert: more than {surge_factor:g}x and more than {surge_min_rate:.0%}). "
+            "{{ with printf \"latentwatch:concept_rate:max{model_name=%q, concept=%q}\" $labels.model_name "
+            "$labels.concept | query }}{{ . | first | value | humanizePercentage }}{{ end }} of the last window of "
+            "{{ $labels.model_name }}'s requests score above the {{ $labels.concept }} probe threshold, against "
+            "{{ with printf \"latentwatch:concept_baseline_rate:max{model_name=%q, concept=%q}\" $labels.model_name "
+            "$labels.concept | query }}{{ . | first | value | humanizePercentage }}{{ end }} in the baseline: "
+            "{{ $value | printf \"%.2f\" }}x the calibrated threshold of rate:scores (a share that high comes from "
+            "no-drift traffic less often than the false-alarm budget allows). "
             "Probe scores are correlational evidence: confirm on the Concepts dashboard."),
         AlertSpec(
             "LatentwatchSidecarDown", "critical", f"up{{{job_selector}}} == 0", 120,

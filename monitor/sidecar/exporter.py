@@ -44,6 +44,12 @@ class MonitorState(Protocol):
     def window_rates(self) -> dict[str, float]: ...
 
 
+def _single(name: str, doc: str, model: str, value: float) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, doc, labels=["model_name"])
+    family.add_metric([model], value)
+    return family
+
+
 class SidecarCollector(Collector):
     def __init__(self, sidecar: MonitorState) -> None:
         self.sidecar = sidecar
@@ -136,6 +142,19 @@ class SidecarCollector(Collector):
                 base_rate.add_metric([m, concept], base.info.get("concept_base_rates", {}).get(concept, float("nan")))
             yield rate
             yield base_rate
+            surge = a.concept_surge()
+            if surge is not None:
+                stat_by_concept, threshold = surge
+                surge_stat = GaugeMetricFamily(
+                    "latentwatch_concept_surge_statistic", "Per concept: -log10 of the binomial tail probability of "
+                    "the current window's share above the probe threshold, given the baseline share",
+                    labels=["model_name", "concept"])
+                for concept, value in stat_by_concept.items():
+                    surge_stat.add_metric([m, concept], value)
+                yield surge_stat
+                yield _single("latentwatch_concept_surge_threshold",
+                              "Calibrated threshold of the concept surge statistic (the rate:scores detector's)", m,
+                              threshold)
             info = InfoMetricFamily("latentwatch_probe", "Loaded probes (correlational evidence, see probe cards)",
                                     labels=["model_name", "concept"])
             for p in sc.probes.probes:
