@@ -10,7 +10,7 @@ above 1 = more false pages than promised). Sources with document structure (``..
   sub-corpora (airlines, driverless cars, Apple, ...), so a block is one topic;
 * ``dialog`` -- English chatterbot dialog, one group per topic file.
 
-For each source the groups are split in halves (baseline / live) several times; each split is
+For each source the groups are split in halves (baseline / live) twice; each split is
 calibrated with ``group_by: meta:doc`` and, for comparison, with ``group_by: record`` (the old
 design), for the demo configuration (window 30, stride 5, 1 per 5,000) and the CLI defaults (window
 200, stride 50, 1 per 20,000). Then real shifts (a baseline of tweets -> drug reviews, jailbreaks, a
@@ -187,7 +187,7 @@ def main() -> None:
                for k, v in shift_texts.items()}
     model_seconds = time.perf_counter() - t0
     result: dict = {"probes": probe_kind, "max_tokens": MAX_TOKENS, "noshift": {}, "median_delay_records": {}}
-    splits = 1 if args.quick else 3
+    splits = 1 if args.quick else 2
     configs = {"demo": CONFIGS["demo"]} if args.quick else CONFIGS
     with threadpool_limits(1):
         for name, groups in sources.items():
@@ -206,7 +206,7 @@ def main() -> None:
                                                 group_by=group_by, seed=split)
                         base = Baseline.build(base_recs, probes, config)
                         ratio, a, f = false_alarm_ratio(base, probes, live, ert, rng,
-                                                        records=(20 if args.quick else 60) * ert)
+                                                        records=(10 if args.quick else 20) * ert)
                         ratios.append(round(ratio, 2))
                         alarms += a
                         fed += f
