@@ -393,6 +393,8 @@ def _fmt(v: float | None, pct: bool = False) -> str:
 
 
 def _print_cards(cards: list[dict]) -> None:
+    from rich.markup import escape  # source labels hold [filters], which rich would read as markup
+
     table = Table(title="probe cards (leave-one-source-out figures; threshold set at the card's target FPR on "
                         "held-out ordinary sources)")
     for col in ("concept", "site/pooling", "threshold", "worst ordinary source above thr (upper 95 %)",
@@ -400,7 +402,7 @@ def _print_cards(cards: list[dict]) -> None:
                 "cross-source AUROC"):
         table.add_column(col)
     for c in cards:
-        cross = ", ".join(f"{k}: {_fmt(v.get('auroc'))}" for k, v in c.get("cross_source", {}).items())
+        cross = escape(", ".join(f"{k}: {_fmt(v.get('auroc'))}" for k, v in c.get("cross_source", {}).items()))
         if "ordinary_sources" not in c:  # a card from before leave-one-source-out thresholds
             h = c.get("held_out", {})
             table.add_row(c["concept"], f"{c['site']}/{c['pooling']}", _fmt(c.get("threshold")), "-",
@@ -410,10 +412,10 @@ def _print_cards(cards: list[dict]) -> None:
         worst_name, worst = max(c["ordinary_sources"].items(), key=lambda kv: kv[1]["above_threshold_rate"])
         upper = max(v["ci95"][1] for v in c["ordinary_sources"].values())
         r = c["recall"]
-        fams = ", ".join(f"{k}: {_fmt(v['above_threshold_rate'], True)}"
-                         for k, v in c.get("held_out_positive", {}).items())
+        fams = escape(", ".join(f"{k}: {_fmt(v['above_threshold_rate'], True)}"
+                                for k, v in c.get("held_out_positive", {}).items()))
         table.add_row(c["concept"], f"{c['site']}/{c['pooling']}", _fmt(c["threshold"]),
-                      f"{_fmt(worst['above_threshold_rate'], True)} {worst_name} ({_fmt(upper, True)})",
+                      f"{_fmt(worst['above_threshold_rate'], True)} {escape(worst_name)} ({_fmt(upper, True)})",
                       _fmt(c["loso_auroc"]),
                       f"{_fmt(r['at_threshold']['above_threshold_rate'], True)} / {_fmt(r['at_1pct_fpr'], True)} / "
                       f"{_fmt(r['at_0.1pct_fpr'], True)}",

@@ -193,6 +193,12 @@ def test_probes_eval_command(language_probe, tmp_path):
     assert "does not transfer" in result.output
 
 
+def _json_line(output: str) -> dict:
+    lines = [ln for ln in output.splitlines() if ln.startswith("{")]
+    assert len(lines) == 1, output  # --json prints one JSON object (progress and logs go elsewhere)
+    return json.loads(lines[0])
+
+
 def test_probes_eval_ordinary_reports_the_share_above_threshold(language_probe, tmp_path):
     from typer.testing import CliRunner
 
@@ -206,7 +212,7 @@ def test_probes_eval_ordinary_reports_the_share_above_threshold(language_probe, 
     runner = CliRunner()
     result = runner.invoke(app, ["probes", "eval", str(probe_path), "--ordinary", str(english), "--json"])
     assert result.exit_code in (0, 1), result.output
-    out = json.loads(result.output.strip().splitlines()[-1])
+    out = _json_line(result.stdout)
     assert out["n"] == 60 and 0 <= out["above_threshold_rate"] <= 0.2
     assert out["threshold"] == pytest.approx(language_probe.threshold)
     assert out["ci95"][0] <= out["above_threshold_rate"] <= out["ci95"][1]
@@ -219,7 +225,7 @@ def test_probes_eval_ordinary_reports_the_share_above_threshold(language_probe, 
                                  for t in corpora.sample(corpora.dialog("french"), 40, seed=32)))
     result = runner.invoke(app, ["probes", "eval", str(probe_path), "--ordinary", str(french), "--json"])
     assert result.exit_code == 1
-    out = json.loads(result.output.strip().splitlines()[-1])
+    out = _json_line(result.stdout)
     assert out["above_threshold_rate"] >= 0.5 and "would fire on this traffic" in out["warning"]
     result = runner.invoke(app, ["probes", "eval", str(probe_path)])
     assert result.exit_code == 2 and "either --file" in result.output
