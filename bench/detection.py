@@ -213,6 +213,7 @@ def main() -> None:
                     row[group_by] = {"observed_to_budget_ratio": round(alarms / (fed / ert), 2),
                                      "per_split": ratios, "false_alarms": alarms, "records": fed}
                 result["noshift"][f"{name}/{cname}"] = row
+                print(f"{name}/{cname}: {json.dumps(row)} ({time.perf_counter() - t0:.0f} s)", flush=True)
         if not args.quick:
             tweets = [r for g in sources["tweets"] for r in g]
             dialog = [r for g in sources["dialog"] for r in g]
