@@ -8,8 +8,13 @@ import numpy as np
 import pytest
 
 from monitor.probes.probe import Probe, ProbeError
-from monitor.probes.validity import ValidityError, ValidityReference, fit_reference, mahalanobis_baseline, \
-    mahalanobis_stats
+from monitor.probes.validity import (
+    ValidityError,
+    ValidityReference,
+    fit_reference,
+    mahalanobis_baseline,
+    mahalanobis_stats,
+)
 
 D = 32
 

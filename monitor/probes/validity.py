@@ -149,7 +149,7 @@ def fit_reference(
     thr = float(np.quantile(held[draws].mean(axis=1), quantile))
     ref.threshold = max(thr, 1e-6)
     ref.calibration = {
-        "fit_negatives": int(len(x_fit)), "held_out_negatives": int(len(x_held)),
+        "fit_negatives": len(x_fit), "held_out_negatives": len(x_held),
         "held_out_record_stat_median": round(float(np.median(held)), 4),
         "method": f"{quantile} quantile of the mean statistic over {n_windows} windows of {window} "
                   "held-out negatives",
