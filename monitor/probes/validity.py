@@ -54,6 +54,20 @@ class ValidityReference:
     window: int
     quantile: float
     calibration: dict[str, Any]
+    logit_median: float = 0.0  # median probe logit of held-out negatives
+    logit_threshold: float = 1.0  # calibrated quantile of held-out windows' median logit
+
+    def logit_ratio(self, logits: np.ndarray) -> float:
+        """Window ratio of the median probe logit's excess over held-out negatives (> 1: out of domain).
+
+        ``(median(window) - logit_median) / (logit_threshold - logit_median)``. The median ignores up to
+        half the window being true positives, so a concept surge of less than ~50 % of traffic does not
+        look like invalidity (the mean would).
+        """
+        z = np.asarray(logits, dtype=np.float64)
+        if not z.size:
+            return float("nan")
+        return float((np.median(z) - self.logit_median) / max(self.logit_threshold - self.logit_median, 1e-6))
 
     @property
     def k(self) -> int:
@@ -73,6 +87,7 @@ class ValidityReference:
         return {
             "format": FORMAT, "k": self.k, "threshold": float(self.threshold), "window": int(self.window),
             "quantile": float(self.quantile), "calibration": self.calibration,
+            "logit_median": float(self.logit_median), "logit_threshold": float(self.logit_threshold),
             "center": [float(v) for v in self.center.astype(np.float32)],
             "projection": [[float(v) for v in row] for row in self.projection.astype(np.float32)],
         }
@@ -86,7 +101,8 @@ class ValidityReference:
             center = np.asarray(body["center"], dtype=np.float32)
             ref = cls(projection=proj, center=center, threshold=float(body["threshold"]),
                       window=int(body["window"]), quantile=float(body["quantile"]),
-                      calibration=dict(body.get("calibration", {})))
+                      calibration=dict(body.get("calibration", {})),
+                      logit_median=float(body["logit_median"]), logit_threshold=float(body["logit_threshold"]))
         except (KeyError, TypeError, ValueError) as exc:
             raise ValidityError(f"{where}: malformed validity reference: {exc}") from exc
         if proj.ndim != 2 or proj.shape[0] != dim or center.shape != (proj.shape[1],):
@@ -113,6 +129,7 @@ def fit_reference(
     x_fit: np.ndarray,
     x_held: np.ndarray,
     weights: np.ndarray,
+    bias: float = 0.0,
     *,
     k: int = 8,
     window: int = 64,
@@ -148,6 +165,9 @@ def fit_reference(
     draws = rng.integers(0, len(held), size=(n_windows, window))  # bootstrap windows of held-out records
     thr = float(np.quantile(held[draws].mean(axis=1), quantile))
     ref.threshold = max(thr, 1e-6)
+    logits = x_held @ np.asarray(weights, dtype=np.float64) + bias
+    ref.logit_median = float(np.median(logits))
+    ref.logit_threshold = float(np.quantile(np.median(logits[draws], axis=1), quantile))
     ref.calibration = {
         "fit_negatives": len(x_fit), "held_out_negatives": len(x_held),
         "held_out_record_stat_median": round(float(np.median(held)), 4),
