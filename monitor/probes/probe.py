@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from collectors.record import Record
+from monitor.probes.validity import ValidityError, ValidityReference
 
 FORMAT = "latentwatch-probe"
 POOLINGS = ("mean", "last", "wmax")  # the tap's pooled arrays a probe can read (collectors/signature.py)
@@ -48,6 +49,7 @@ class Probe:
     fingerprint: str
     threshold: float = 0.5
     card: dict[str, Any] = field(default_factory=dict)
+    validity: ValidityReference | None = None  # optional (issue 13): files without it stay loadable
 
     @property
     def dim(self) -> int:
@@ -65,6 +67,8 @@ class Probe:
             "threshold": float(self.threshold), "bias": float(self.bias),
             "weights": [float(v) for v in self.weights.astype(np.float32)], "card": self.card,
         }
+        if self.validity is not None:  # only when present, so older artifacts keep their checksum
+            body["validity"] = self.validity.to_dict()
         body["sha256"] = _checksum(body)
         return body
 
@@ -110,6 +114,11 @@ class Probe:
             raise ProbeError(f"{where}: weights must be {body.get('dim')} finite numbers")
         if probe.pooling not in POOLINGS:
             raise ProbeError(f"{where}: unknown pooling {probe.pooling!r}")
+        if body.get("validity") is not None:
+            try:
+                probe.validity = ValidityReference.from_dict(body["validity"], probe.dim, where)
+            except ValidityError as exc:
+                raise ProbeError(str(exc)) from exc
         return probe
 
     def check(self, *, fingerprint: str | None = None, sites: dict[str, int] | None = None,
