@@ -47,7 +47,9 @@ def test_demo_quick_runs_end_to_end_and_alarms_after_the_shift(demo_run):
     assert summary["first_alarm_after_shift"] is not None and summary["first_alarm_after_shift"] <= 60
     rates = summary["concept_rates"]["prompt_injection"]
     assert rates["after_shift"] > rates["before_shift"] + 0.2
-    assert "rate:scores" in summary["detection_delay_records"]
+    # a detector on probe scores sees the shift (with thresholds at 2 % FPR on ordinary sources and grouped
+    # calibration, the distribution test usually leads the rate test at this size)
+    assert {"rate:scores", "ks:scores"} & set(summary["detection_delay_records"])
     records = list(read_file(tmp_path / "live.lwsr"))
     assert len(records) == 240
     from monitor.analysis.baseline import Baseline
