@@ -152,7 +152,6 @@ class Baseline:
         stats, design = [], []
         for rep in range(config.calibration_repeats):
             fold = grouping.folds(group_ids, k, config.seed + 7919 * rep)
-            centers = [{fam: v[fold != f].mean(0) for fam, v in sig.items()} for f in range(k)]
             for f in range(k):
                 train, test = fold != f, fold == f
                 slots = cls._fit_slots(signals.select(sig, train), group_ids[train], shapes, probes, config)
@@ -162,11 +161,8 @@ class Baseline:
                     rng = np.random.default_rng(config.seed + 17 + 31 * (rep * k + f))
                     size = max(1, int(test.sum()) // len(np.unique(held_groups)))
                     n_pseudo = int(min(PSEUDO_GROUPS, max(50, PSEUDO_RECORDS // size)))
-                    # offsets of the held-out groups only: other folds' groups are in these detectors' fit, and
-                    # their directions look ordinary to them (pooling them made the thresholds too low)
-                    offsets = calibration.group_offsets(held_out, held_groups, centers[f])
-                    extra, extra_groups = calibration.pseudo_groups(held_out, held_groups, centers[f], offsets,
-                                                                    n_pseudo, rng)
+                    center = {fam: v[train].mean(0) for fam, v in sig.items()}  # what these detectors were fitted on
+                    extra, extra_groups = calibration.pseudo_groups(held_out, held_groups, center, n_pseudo, rng)
                     held_out = {fam: np.concatenate([held_out[fam], extra[fam]]) for fam in sig}
                     held_groups = np.concatenate([held_groups, extra_groups + held_groups.max() + 1])
                 pools = [slot.detector.transform(held_out[slot.family]) for slot in slots]

@@ -124,25 +124,27 @@ def group_offsets(sig: dict[str, np.ndarray], groups: np.ndarray, centers: dict[
     return out
 
 
-def pseudo_groups(sig: dict[str, np.ndarray], groups: np.ndarray, centers: dict[str, np.ndarray],
-                  offsets: dict[str, np.ndarray], count: int, rng: np.random.Generator
-                  ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+def pseudo_groups(sig: dict[str, np.ndarray], groups: np.ndarray, centers: dict[str, np.ndarray], count: int,
+                  rng: np.random.Generator) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """``count`` new groups like the held-out ones in ``sig``: their own records' spread, new group offsets.
 
     A fold holds a few groups, and the most extreme of them bounds every tail the simulation can show;
     live traffic brings groups beyond it, so thresholds set on the real groups alone fire more often
     than stated (2-4x with 40 groups in the synthetic test). A pseudo-group takes the records of a
     random held-out group, removes that group's mean and adds a new offset ``Σ_j z_j d_j / sqrt(G)``,
-    ``z ~ N(0, 1)``, from the out-of-fold ``offsets`` ``d_j`` (:func:`group_offsets`) of all G groups:
-    the second moment real new groups show around what detectors were fitted on, with a Gaussian tail
-    beyond the largest of them (a Gaussian multiplier bootstrap of the group effects). The same ``z``
-    serves every family, so a group's offsets stay joint across sites and probes. Probe scores move
-    in logit space (a score is the sigmoid of a linear readout).
+    ``z ~ N(0, 1)``, where ``d_j`` are the offsets of the G held-out groups from ``centers``, the mean
+    of what the detectors were fitted on (:func:`group_offsets`). Only held-out groups: the other
+    folds' groups are in the detectors' fit, and their directions look ordinary to them (pooling them
+    made the thresholds too low). The offsets have the second moment real new groups show, with a
+    Gaussian tail beyond the largest of them (a Gaussian multiplier bootstrap of the group effects).
+    The same ``z`` serves every family, so a group's offsets stay joint across sites and probes.
+    Probe scores move in logit space (a score is the sigmoid of a linear readout).
     """
+    offsets = group_offsets(sig, groups, centers)
     runs = grouping.runs(groups)
     space = {f: _space(f, sig[f]) for f in sig}
     center = {f: _space(f, centers[f][None])[0] for f in sig}
-    n_offsets = len(next(iter(offsets.values())))
+    n_offsets = len(runs)
     out: dict[str, list[np.ndarray]] = {f: [] for f in sig}
     ids = []
     for c in range(count):
