@@ -141,3 +141,46 @@ def test_batch_size_does_not_change_results(baseline):
     many.update(recs[33:])
     assert [s.value for s in one.states] == pytest.approx([s.value for s in many.states])
     assert [s.alarms_total for s in one.states] == [s.alarms_total for s in many.states]
+
+
+def _probes_with_validity(rng):
+    """The same probes, each carrying a validity reference fit on in-domain records."""
+    from monitor.probes.validity import fit_reference
+
+    x = np.stack([r.sites["layers.2.resid"]["mean"] for r in make_records(1200, rng)]).astype(np.float64)
+    out = []
+    for p in probes().probes:
+        p.validity = fit_reference(x[:800], x[800:], p.weights, p.bias, k=4, window=100)
+        out.append(p)
+    return ProbeSet(out)
+
+
+def test_probe_validity_flags_a_shift_of_all_traffic_not_a_minority_surge_and_marks_attribution():
+    rng = np.random.default_rng(7)
+    ps = _probes_with_validity(rng)
+    analyzer = Analyzer(Baseline.build(make_records(3000, np.random.default_rng(0)), ps, CONFIG), ps)
+    assert np.isnan(analyzer.probe_validity()["injection"][0])  # no window yet
+    analyzer.update(make_records(300, rng))
+    calm = analyzer.probe_validity()
+    assert calm["injection"][0] < 1.0 and calm["toxicity"][0] < 1.0 and not analyzer.out_of_domain()
+
+    # a 20 % surge of real positives: the window-median logit barely moves, the probe stays in domain
+    surge = make_records(100, rng)
+    for r in surge[:20]:
+        r.sites["layers.2.resid"]["mean"][0] += 4.0
+    analyzer.update(surge)
+    assert analyzer.out_of_domain() == set()
+
+    # all traffic moved along what the injection probe reads (an unfamiliar source): out of domain
+    fired = analyzer.update(make_records(300, rng, concept_shift=1.5))
+    assert analyzer.out_of_domain() == {"injection"}
+    assert analyzer.probe_validity()["injection"][0] > 1.0
+    rate = next(e for e in fired if e.detector == "rate:scores")
+    assert rate.attribution[0][0] == "injection (probe out of domain)"
+    assert all(name != "toxicity (probe out of domain)" for name, _ in rate.attribution)
+
+
+def test_probes_without_validity_reference_report_none(baseline):
+    analyzer = Analyzer(baseline, probes())
+    analyzer.update(make_records(200, np.random.default_rng(8)))
+    assert analyzer.probe_validity() == {} and analyzer.out_of_domain() == set()

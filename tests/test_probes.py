@@ -81,6 +81,24 @@ def test_card_answers_will_it_fire_on_my_traffic(language_probe):
     assert "correlational" in card["caveat"]
 
 
+def test_validity_reference_comes_from_unseen_ordinary_sources(language_probe, smollm2, cache):
+    from monitor.probes import corpora
+
+    ref, card = language_probe.validity, language_probe.card["validity"]
+    assert ref is not None and ref.window == card["window"] == 64
+    assert "one held-out source each (4 sources)" in card["logit_method"]  # 3 LOSO sources + python-docs
+    assert ref.logit_threshold > ref.logit_median
+
+    def ratio(texts: list[str]) -> float:
+        x = cache.get(texts, [language_probe.site], progress=False)[language_probe.site][language_probe.pooling]
+        return ref.logit_ratio(x.astype(np.float64) @ language_probe.weights + language_probe.bias)
+
+    english = [t.text for t in corpora.sample(corpora.dialog("english"), 64, seed=11)]
+    french = [t.text for t in corpora.sample(corpora.dialog("french"), 64, seed=11)]
+    assert ratio(english) < 1.0  # ordinary traffic of a kind the probe was trained on: in its domain
+    assert ratio(french) > 1.0   # all traffic moved along what the probe reads
+
+
 def test_card_and_artifact_round_trip(language_probe, tmp_path):
     path = language_probe.save(tmp_path / "p.probe.json")
     back = Probe.load(path, fingerprint=language_probe.fingerprint, sites={language_probe.site: 576})

@@ -27,6 +27,7 @@ from monitor.analysis.baseline import Baseline, DetectorSlot
 from monitor.probes.probe import ProbeSet
 
 log = logging.getLogger(__name__)
+OOD_SUFFIX = "(probe out of domain)"  # appended to attribution entries naming a concept whose probe is invalid now
 
 
 @dataclass
@@ -82,6 +83,11 @@ class Analyzer:
         self.concept_hits = np.zeros(len(probes.concepts)) if probes else np.zeros(0)
         self.scored_total = 0
         self.last_scores: np.ndarray | None = None
+        # probe validity (issue 13): the last `validity_window` scores per concept, for the window-median logit
+        self._validity_refs = [p.validity for p in probes.probes] if probes else []
+        self.validity_window = max((r.window for r in self._validity_refs if r is not None), default=0)
+        self._score_buf = np.full((self.validity_window, len(self._validity_refs)), np.nan, dtype=np.float32)
+        self._score_pos = 0
 
     # ------------------------------------------------------------------ ingestion
     def update(self, records: Sequence[Record]) -> list[AlarmEvent]:
@@ -131,6 +137,7 @@ class Analyzer:
             self.last_scores = sig["scores"]
             self.concept_hits += self.probes.above(sig["scores"]).sum(axis=0)
             self.scored_total += n
+            self._push_scores(sig["scores"])
         cache: dict = {}  # detectors of one site share its PCA projection
         rows = [st.slot.detector.transform(sig[st.slot.family], cache) for st in self._ensure_states(sig)]
         return self._push(rows, n)
@@ -202,7 +209,8 @@ class Analyzer:
         comps = np.asarray(st.slot.detector.components(st.buffer), dtype=np.float64)
         names = st.slot.components or [f"c{j}" for j in range(len(comps))]
         order = np.argsort(-np.abs(comps))[:top]
-        return [(names[j], float(comps[j])) for j in order]
+        ood = self.out_of_domain() if st.slot.family == "scores" else set()
+        return [(f"{names[j]} {OOD_SUFFIX}" if names[j] in ood else names[j], float(comps[j])) for j in order]
 
     def ranking(self, top: int = 10) -> list[tuple[str, str, float]]:
         """Across detectors in alarm: ``(detector, component, contribution)`` ranked by statistic/threshold."""
@@ -222,6 +230,38 @@ class Analyzer:
                 values = st.slot.detector.components(st.buffer) if full else np.full(len(st.slot.components), np.nan)
                 return dict(zip(st.slot.components, map(float, values), strict=True)), st.slot.threshold
         return None
+
+    # ------------------------------------------------------------------ probe validity
+    def _push_scores(self, scores: np.ndarray) -> None:
+        if not self.validity_window:
+            return
+        tail = scores[-self.validity_window:]
+        idx = (self._score_pos + np.arange(len(tail))) % self.validity_window
+        self._score_buf[idx] = tail
+        self._score_pos = int((self._score_pos + len(tail)) % self.validity_window)
+
+    def probe_validity(self) -> dict[str, tuple[float, float]]:
+        """``{concept: (ratio, threshold)}`` for probes with a validity reference; ratio > threshold (1.0)
+        says the probe is out of its domain on current traffic (its window-median logit is beyond what
+        held-out negatives reach, see monitor/probes/validity.py). NaN until a window of scores arrived."""
+        if self.probes is None:
+            return {}
+        out = {}
+        for j, (concept, ref) in enumerate(zip(self.probes.concepts, self._validity_refs, strict=True)):
+            if ref is None:
+                continue
+            col = self._score_buf[:, j]
+            col = col[np.isfinite(col)][-ref.window:]
+            if len(col) < ref.window:
+                out[concept] = (float("nan"), 1.0)
+                continue
+            p = np.clip(np.median(col.astype(np.float64)), 1e-7, 1 - 1e-7)
+            out[concept] = (ref.logit_ratio(np.array([np.log(p / (1 - p))])), 1.0)
+        return out
+
+    def out_of_domain(self) -> set[str]:
+        """Concepts whose probe is currently out of its domain (validity ratio above its threshold)."""
+        return {c for c, (r, t) in self.probe_validity().items() if r > t}
 
     def concept_rates(self) -> dict[str, float]:
         """Share of scored records above each concept's threshold since start."""

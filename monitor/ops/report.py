@@ -160,13 +160,18 @@ def build_report(records: Sequence[Record], baseline: Baseline, probes: ProbeSet
         f"<td>{e.threshold:.4g}</td><td>{moved(e)}</td></tr>"
         for e in events)
     rate_rows = ""
+    validity = analyzer.probe_validity()  # at the end of the stream; only probes with a validity reference
     if probes is not None and valid:
         base_rates = baseline.info.get("concept_base_rates", {})
         for j, c in enumerate(probes.concepts):
             before = float(hit[:split, j].mean()) if split else float("nan")
             after = float(hit[split:, j].mean()) if len(scores) > split else float("nan")
+            ratio = validity.get(c, (float("nan"), 1.0))[0]
+            verdict = "no reference" if c not in validity else (
+                "window not full" if not np.isfinite(ratio) else
+                f"{ratio:.2f}: {'OUT OF DOMAIN, scores not trustworthy' if ratio > 1 else 'in domain'}")
             rate_rows += (f"<tr><td>{html.escape(c)}</td><td>{base_rates.get(c, float('nan')):.3f}</td>"
-                          f"<td>{before:.3f}</td><td>{after:.3f}</td></tr>")
+                          f"<td>{before:.3f}</td><td>{after:.3f}</td><td>{verdict}</td></tr>")
     ranking_rows = "".join(f"<tr><td>{html.escape(d)}</td><td>{html.escape(c)}</td><td>{v:+.3g}</td></tr>"
                            for d, c, v in analyzer.ranking(top=12))
     cal = baseline.info.get("calibration", {})
@@ -190,7 +195,8 @@ window {baseline.config.window}, stride {baseline.config.stride}; false-alarm bu
 per detector its largest components (concept, attention head and statistic, principal direction).</p>
 <table><tr><th>detector</th><th>component</th><th>contribution</th></tr>{ranking_rows}</table>
 <h2>Concept rates (share above threshold)</h2><table><tr><th>concept</th><th>baseline</th><th>before</th>
-<th>after</th></tr>{rate_rows}</table>
+<th>after</th><th>probe validity at the end (ratio; above 1: traffic unlike the probe's held-out sources)</th>
+</tr>{rate_rows}</table>
 <p><i>{html.escape(CAVEAT)}</i></p></body></html>"""
 
 

@@ -63,6 +63,10 @@ RECORDING = [
     ("latentwatch:concept_surge_ratio:max",
      "max by (model_name, concept) (latentwatch_concept_surge_statistic / on (instance, model_name) group_left "
      "latentwatch_concept_surge_threshold)"),
+    # per concept: how far the window's probe logits are beyond what held-out ordinary sources reach
+    ("latentwatch:probe_validity_ratio:max",
+     "max by (model_name, concept) (latentwatch_probe_validity_ratio / on (instance, model_name, concept) "
+     "latentwatch_probe_validity_threshold)"),
 ]
 
 
@@ -91,6 +95,14 @@ def alert_specs(job_selector: str = JOB_SELECTOR, lag_records: int = 10_000) -> 
             "{{ $value | printf \"%.2f\" }}x the calibrated threshold of rate:scores (a share that high comes from "
             "no-drift traffic less often than the false-alarm budget allows). "
             "Probe scores are correlational evidence: confirm on the Concepts dashboard."),
+        AlertSpec(
+            "LatentwatchProbeOutOfDomain", "warning", "latentwatch:probe_validity_ratio:max > 1", 600,
+            "{{ $labels.model_name }}: {{ $labels.concept }} probe scores are not trustworthy on current traffic",
+            "The median {{ $labels.concept }} probe logit over the last window of {{ $labels.model_name }}'s "
+            "requests is {{ $value | printf \"%.2f\" }}x beyond what held-out ordinary sources reached when the "
+            "probe was carded: current traffic is unlike the text the probe was trained and validated on, so its "
+            "false-positive rate is unknown and drift attributed to {{ $labels.concept }} is marked "
+            "'(probe out of domain)'. Check the Concepts dashboard; run `latentwatch probes eval` on a sample."),
         AlertSpec(
             "LatentwatchSidecarDown", "critical", f"up{{{job_selector}}} == 0", 120,
             "latentwatch sidecar {{ $labels.instance }} is down",

@@ -27,6 +27,10 @@ Procedure (all on activations captured by the tap, so training sees exactly what
    leave-one-source-out AUROC; recall at the threshold, at 1 % and 0.1 % FPR, per positive source and
    on held-out families; the share above threshold on held-out ordinary and topical sets; calibration
    error; the same by input length; a shuffled-label control; cross-source AUROC per evaluation set.
+7. Validity reference (:mod:`monitor.probes.validity`): the window-median probe logit that ordinary
+   sources the probe never saw reach (leave-one-source-out logits of the training sources and the
+   held-out ordinary sources, windows drawn within one source); the monitor flags the probe as out of
+   its domain when live traffic's window median goes beyond it.
 """
 
 from __future__ import annotations
@@ -60,8 +64,10 @@ from monitor.probes.concepts import (
 )
 from monitor.probes.corpora import Text
 from monitor.probes.probe import CAVEAT, Probe, expected_calibration_error
+from monitor.probes.validity import fit_reference
 
 C_GRID = (0.01, 0.1, 1.0)
+VALIDITY_WINDOW = 64  # records per window of the validity watch (the window-median probe logit)
 
 
 def candidate_sites(n_layers: int) -> list[str]:
@@ -326,6 +332,15 @@ def train_probe(
     threshold = loso_threshold(by_source, spec.target_fpr)
     probe = Probe(concept=spec.concept, site=chosen, pooling=pooling, weights=w, bias=bias, model=lm.name,
                   fingerprint=cache.fingerprint, threshold=float(threshold))
+    # validity watch: the probe's logits on ordinary sources it never saw (leave-one-source-out, and the
+    # held-out ordinary sources), one source per window, bound what ordinary traffic does to it
+    held_ord_rows = [index[t.text] for g in st.held_out_ordinary.values() for t in g]
+    held_logits = np.r_[a * oof[ordinary] + b, x_all[held_ord_rows] @ w + bias if held_ord_rows else []]
+    held_groups = np.r_[source_arr[ordinary].astype(str),
+                        [f"held_out:{s}" for s, g in st.held_out_ordinary.items() for _ in g]]
+    probe.validity = fit_reference(x_tr[ordinary], x_all[held_ord_rows] if held_ord_rows else x_tr[ordinary],
+                                   w, bias, window=VALIDITY_WINDOW, seed=spec.seed, held_logits=held_logits,
+                                   held_groups=held_groups)
 
     def score_texts(group: list[Text]) -> np.ndarray:
         return probe.score(x_all[[index[t.text] for t in group]]) if group else np.zeros(0, np.float32)
@@ -427,6 +442,9 @@ def train_probe(
         "shuffled_label_control_auroc": control_auc,
         "cross_source": evaluations,
         "calibration": "Platt scaling on the leave-one-source-out logits of the training texts",
+        "validity": probe.validity.calibration | {"window": probe.validity.window,
+                                                   "logit_median": round(probe.validity.logit_median, 4),
+                                                   "logit_threshold": round(probe.validity.logit_threshold, 4)},
         "caveat": CAVEAT,
         "trained_seconds": round(time.perf_counter() - t0, 1),
         "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -136,12 +136,20 @@ def fit_reference(
     quantile: float = 0.99,
     n_windows: int = 500,
     seed: int = 0,
+    held_logits: np.ndarray | None = None,
+    held_groups: np.ndarray | None = None,
 ) -> ValidityReference:
     """Fit on negatives ``x_fit`` and calibrate the threshold on held-out negatives ``x_held``.
 
     ``weights`` is the probe's weight vector in raw activation space (as stored in the artifact). The
     threshold is the ``quantile`` of the mean statistic over ``n_windows`` random windows of ``window``
     held-out records drawn with replacement.
+
+    The logit reference (what the monitor watches, :meth:`ValidityReference.logit_ratio`) comes from
+    ``held_logits`` (default: the probe's logits on ``x_held``): probe logits of negatives from sources
+    the scoring model never saw, e.g. leave-one-source-out logits. With ``held_groups`` (a source per
+    held-out logit) every window is drawn within one source, the way traffic arrives, so the threshold
+    covers the spread *between* ordinary sources, not only within their mix.
     """
     x_fit = np.asarray(x_fit, dtype=np.float64)
     x_held = np.asarray(x_held, dtype=np.float64)
@@ -165,14 +173,25 @@ def fit_reference(
     draws = rng.integers(0, len(held), size=(n_windows, window))  # bootstrap windows of held-out records
     thr = float(np.quantile(held[draws].mean(axis=1), quantile))
     ref.threshold = max(thr, 1e-6)
-    logits = x_held @ np.asarray(weights, dtype=np.float64) + bias
+    logits = (x_held @ np.asarray(weights, dtype=np.float64) + bias if held_logits is None
+              else np.asarray(held_logits, dtype=np.float64))
+    if held_groups is None:
+        idx = rng.integers(0, len(logits), size=(n_windows, window))
+    else:
+        members = [np.flatnonzero(np.asarray(held_groups) == g) for g in np.unique(held_groups)]
+        members = [m for m in members if len(m)]
+        pick = rng.integers(0, len(members), size=n_windows)
+        idx = np.stack([members[g][rng.integers(0, len(members[g]), size=window)] for g in pick])
     ref.logit_median = float(np.median(logits))
-    ref.logit_threshold = float(np.quantile(np.median(logits[draws], axis=1), quantile))
+    ref.logit_threshold = float(np.quantile(np.median(logits[idx], axis=1), quantile))
     ref.calibration = {
         "fit_negatives": len(x_fit), "held_out_negatives": len(x_held),
         "held_out_record_stat_median": round(float(np.median(held)), 4),
         "method": f"{quantile} quantile of the mean statistic over {n_windows} windows of {window} "
                   "held-out negatives",
+        "logit_method": f"{quantile} quantile of the median probe logit over {n_windows} windows of {window} "
+                        + ("held-out negatives" if held_groups is None else
+                           f"negatives of one held-out source each ({len(np.unique(held_groups))} sources)"),
     }
     return ref
 

@@ -155,6 +155,21 @@ class SidecarCollector(Collector):
                 yield _single("latentwatch_concept_surge_threshold",
                               "Calibrated threshold of the concept surge statistic (the rate:scores detector's)", m,
                               threshold)
+            validity = a.probe_validity()
+            if validity:  # only probes whose artifact carries a validity reference (issue 13)
+                vr = GaugeMetricFamily("latentwatch_probe_validity_ratio",
+                                       "Window-median probe logit excess over held-out negatives, in units of its "
+                                       "calibrated threshold: above latentwatch_probe_validity_threshold the "
+                                       "probe's scores are not trustworthy on current traffic",
+                                       labels=["model_name", "concept"])
+                vt = GaugeMetricFamily("latentwatch_probe_validity_threshold",
+                                       "Validity ratio above which a probe is out of its domain",
+                                       labels=["model_name", "concept"])
+                for concept, (ratio, threshold) in validity.items():
+                    vr.add_metric([m, concept], ratio)
+                    vt.add_metric([m, concept], threshold)
+                yield vr
+                yield vt
             info = InfoMetricFamily("latentwatch_probe", "Loaded probes (correlational evidence, see probe cards)",
                                     labels=["model_name", "concept"])
             for p in sc.probes.probes:
