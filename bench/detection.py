@@ -55,7 +55,7 @@ def documents(quick: bool) -> dict[str, list[tuple[str, list[str]]]]:
     """Per source: ``[(group name, texts in order)]``."""
     rng = np.random.default_rng(0)
     out: dict[str, list[tuple[str, list[str]]]] = {}
-    n_docs, per_doc = (24, 25) if quick else (40, 40)
+    n_docs, per_doc = (24, 25) if quick else (120, 20)
     by_address: dict[str, list[str]] = {}
     for t in corpora.sotu():
         by_address.setdefault(f"{t.labels['year']} {t.labels['president']}", []).append(t.text)
@@ -64,8 +64,8 @@ def documents(quick: bool) -> dict[str, list[tuple[str, list[str]]]]:
     out["sotu"] = [(names[i], by_address[names[i]][:per_doc]) for i in sorted(pick)]
     if not quick:
         tweets = [t.text for t in corpora.tweets()]
-        blocks = [tweets[i : i + 80] for i in range(0, len(tweets) - 80, 80)]
-        pick = rng.choice(len(blocks), size=20, replace=False)
+        blocks = [tweets[i : i + 40] for i in range(0, len(tweets) - 40, 40)]
+        pick = rng.choice(len(blocks), size=60, replace=False)
         out["tweets"] = [(f"block{i}", blocks[i]) for i in sorted(pick)]
         topics: dict[str, list[str]] = {}
         for t in corpora.dialog("english"):

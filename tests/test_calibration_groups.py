@@ -208,3 +208,27 @@ def test_array_monitor_refuses_bad_input():
     bad[1, 0] = np.inf
     mon.update(bad)  # a non-finite row is counted and skipped, never mixed into the state
     assert mon.analyzer_.stats.invalid_total["nonfinite"] == 1
+
+
+def _pseudo_offset_norms(scales: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Norms of the real groups' offsets and of 400 pseudo-groups' offsets, 64-d, 20 records per group."""
+    rng = np.random.default_rng(seed)
+    d, per = 64, 20
+    offsets = rng.normal(size=(len(scales), d)) * scales[:, None]
+    x = np.concatenate([o + rng.normal(size=(per, d)) * 0.3 for o in offsets])
+    groups = np.repeat(np.arange(len(scales)), per)
+    center = {"act:l": np.zeros(d)}
+    extra, extra_groups = calibration.pseudo_groups({"act:l": x}, groups, center, 400, rng)
+    pseudo = np.stack([extra["act:l"][extra_groups == g].mean(0) for g in np.unique(extra_groups)])
+    return np.linalg.norm(offsets, axis=1), np.linalg.norm(pseudo, axis=1)
+
+
+def test_pseudo_groups_carry_heavy_tailed_group_sizes_beyond_the_largest_real_group():
+    # three groups far from the rest (a few unusual documents): pseudo-groups as far out as they are
+    heavy = np.r_[np.full(27, 1.0), np.full(3, 6.0)]
+    real, pseudo = _pseudo_offset_norms(heavy, 1)
+    assert np.quantile(pseudo, 0.99) >= 0.7 * real.max()  # Gaussian multiplier alone: 0.61
+    # Gaussian group effects (all groups alike): pseudo sizes stay near the real ones, no invented tail
+    real, pseudo = _pseudo_offset_norms(np.full(30, 1.0), 2)
+    assert np.quantile(pseudo, 0.99) <= 1.6 * real.max()
+    assert pseudo.std() / pseudo.mean() < 0.4
