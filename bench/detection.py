@@ -5,12 +5,12 @@ from some groups of a source and streams *other groups of the same source* (no d
 one after another, and reports the observed false alarms against the budget (ratio 1 = as stated;
 above 1 = more false pages than promised). Sources with document structure (``../shared/DATA.md``):
 
-* ``sotu`` -- State of the Union addresses, one group per address (chunks of ~400 characters);
-* ``tweets`` -- tweets in blocks of 80 consecutive rows of the corpus, which concatenates its
+* ``sotu`` -- State of the Union addresses, one group per address (120 addresses, 20 chunks of ~400 characters each);
+* ``tweets`` -- tweets in blocks of 40 consecutive rows (60 blocks) of the corpus, which concatenates its
   sub-corpora (airlines, driverless cars, Apple, ...), so a block is one topic;
 * ``dialog`` -- English chatterbot dialog, one group per topic file.
 
-For each source the groups are split in halves (baseline / live) twice; each split is
+For each source the groups are split in halves (baseline / live) three times; each split is
 calibrated with ``group_by: meta:doc`` and, for comparison, with ``group_by: record`` (the old
 design), for the demo configuration (window 30, stride 5, 1 per 5,000) and the CLI defaults (window
 200, stride 50, 1 per 20,000). Then real shifts (a baseline of tweets -> drug reviews, jailbreaks, a
@@ -20,7 +20,13 @@ and synthetic streams the out-of-subspace and mixture cases and the analyzer's p
 Records are computed once per text and cached under the latentwatch cache folder (the first run
 spends ~15 minutes in the model). Probes: the cached built-in pack when it exists for this model.
 
-Usage: python bench/detection.py [--quick]    (quick: one source, one split, the demo config only)
+The no-shift streams are whole live groups in random order, evaluated every ``stride`` records by the
+final detectors at their thresholds; by default vectorised (``calibration.simulate``, 60,000
+evaluations per split), with ``--replay`` record by record through the Analyzer (the same streams, ~10x
+slower). Probe-score detectors take part only when the built-in pack is cached (``probes`` in the output).
+
+Usage: python bench/detection.py [--quick] [--sources sotu,tweets] [--configs demo] [--splits 3]
+       [--no-shifts] [--replay]      (quick: one source, one split, the demo config only)
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from threadpoolctl import threadpool_limits
 from collectors import models as zoo
 from collectors.fingerprint import fingerprint
 from collectors.record import Record
+from monitor.analysis import calibration, signals
 from monitor.analysis.analyzer import Analyzer
 from monitor.analysis.arrays import ArrayMonitor
 from monitor.analysis.baseline import AnalyzerConfig, Baseline
@@ -100,6 +107,21 @@ def false_alarm_ratio(base: Baseline, probes: ProbeSet | None, live: list[list[R
             for i in range(0, len(live[g]), 64):
                 alarms += len(analyzer.update(live[g][i : i + 64]))
             fed += len(live[g])
+    return alarms / (fed / ert), alarms, fed
+
+
+def simulated_false_alarm_ratio(base: Baseline, probes: ProbeSet | None, live: list[list[Record]], ert: float,
+                                seed: int, evaluations: int = 60_000) -> tuple[float, int, int]:
+    """The same measurement as :func:`false_alarm_ratio`, vectorised: the final detectors at their thresholds
+    along streams of whole live groups in random order (``calibration.simulate``), alarms = upward crossings."""
+    recs = [r for g in live for r in g]
+    groups = np.concatenate([np.full(len(g), i) for i, g in enumerate(live)])
+    sig = signals.extract(recs, base.shapes, probes)
+    pools = [slot.detector.transform(sig[slot.family]) for slot in base.slots]
+    sim = calibration.simulate([slot.detector for slot in base.slots], pools, window=base.config.window,
+                               stride=base.config.stride, evaluations=evaluations, seed=seed, groups=groups)
+    alarms = calibration.count_alarms(sim.stats > np.array([slot.threshold for slot in base.slots]))
+    fed = sim.stats.shape[0] * sim.stats.shape[1] * base.config.stride  # records between evaluations
     return alarms / (fed / ert), alarms, fed
 
 
@@ -168,6 +190,13 @@ def synthetic(quick: bool) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--splits", type=int, default=None, help="baseline/live splits of the groups (default 3; quick 1)")
+    ap.add_argument("--sources", default="sotu,tweets,dialog", help="comma-separated no-shift sources")
+    ap.add_argument("--configs", default="demo,cli_defaults", help="comma-separated configurations")
+    ap.add_argument("--replay", action="store_true",
+                    help="stream the live groups through the Analyzer record by record (slow) instead of the "
+                         "vectorised simulation of the same streams")
+    ap.add_argument("--no-shifts", action="store_true", help="skip the shift delays and synthetic streams")
     args = ap.parse_args()
     t0 = time.perf_counter()
     torch.set_num_threads(1)
@@ -178,8 +207,11 @@ def main() -> None:
         probe_kind = f"built-in pack ({len(probes.concepts)} concepts)"
     except (ProbeError, TypeError):
         probes, probe_kind = None, "none (train the built-in pack for concept detectors)"
-    sources = {name: grouped_records(lm, name, docs) for name, docs in documents(args.quick).items()}
-    shift_texts: dict[str, list[Text]] = {} if args.quick else {
+    wanted = set(args.sources.split(","))
+    sources = {name: grouped_records(lm, name, docs) for name, docs in documents(args.quick).items()
+               if name in wanted or (not args.quick and not args.no_shifts and name in ("tweets", "dialog"))}
+    shifts = not (args.quick or args.no_shifts)
+    shift_texts: dict[str, list[Text]] = {} if not shifts else {
         "drug_reviews": corpora.sample(corpora.drug_reviews(), 300, 1),
         "jailbreaks": corpora.sample(corpora.jailbreaks(), 300, 1),
         "french_dialog": corpora.sample(corpora.dialog("french"), 300, 1)}
@@ -187,10 +219,13 @@ def main() -> None:
                for k, v in shift_texts.items()}
     model_seconds = time.perf_counter() - t0
     result: dict = {"probes": probe_kind, "max_tokens": MAX_TOKENS, "noshift": {}, "median_delay_records": {}}
-    splits = 1 if args.quick else 2
-    configs = {"demo": CONFIGS["demo"]} if args.quick else CONFIGS
+    splits = args.splits or (1 if args.quick else 3)
+    configs = {"demo": CONFIGS["demo"]} if args.quick else {c: CONFIGS[c] for c in args.configs.split(",")}
+    result["measurement"] = "replay through the Analyzer" if args.replay else "vectorised simulation of the streams"
     with threadpool_limits(1):
         for name, groups in sources.items():
+            if name not in wanted:
+                continue
             for cname, (window, stride, ert) in configs.items():
                 row: dict = {"groups": len(groups), "records": sum(map(len, groups)), "window": window,
                              "stride": stride, "target_records_between_false_alarms": ert}
@@ -205,8 +240,12 @@ def main() -> None:
                         config = AnalyzerConfig(window=window, stride=stride, false_alarm_every=ert,
                                                 group_by=group_by, seed=split)
                         base = Baseline.build(base_recs, probes, config)
-                        ratio, a, f = false_alarm_ratio(base, probes, live, ert, rng,
-                                                        records=(10 if args.quick else 20) * ert)
+                        if args.replay:
+                            ratio, a, f = false_alarm_ratio(base, probes, live, ert, rng,
+                                                            records=(10 if args.quick else 20) * ert)
+                        else:
+                            ratio, a, f = simulated_false_alarm_ratio(base, probes, live, ert, seed=split,
+                                                                      evaluations=20_000 if args.quick else 60_000)
                         ratios.append(round(ratio, 2))
                         alarms += a
                         fed += f
@@ -214,7 +253,7 @@ def main() -> None:
                                      "per_split": ratios, "false_alarms": alarms, "records": fed}
                 result["noshift"][f"{name}/{cname}"] = row
                 print(f"{name}/{cname}: {json.dumps(row)} ({time.perf_counter() - t0:.0f} s)", flush=True)
-        if not args.quick:
+        if shifts:
             tweets = [r for g in sources["tweets"] for r in g]
             dialog = [r for g in sources["dialog"] for r in g]
             rng = np.random.default_rng(7)
@@ -229,7 +268,8 @@ def main() -> None:
                     "tweets->30%_drug_reviews_gradual": delays(tb, probes, pool_t, shifted["drug_reviews"], rng, 10,
                                                               gradual=True),
                     "english_dialog->french_dialog": delays(db, probes, dialog, shifted["french_dialog"], rng, 10)}
-        result["synthetic"] = synthetic(args.quick)
+        if shifts or args.quick:
+            result["synthetic"] = synthetic(args.quick)
     result["model_seconds"] = round(model_seconds, 1)
     result["seconds"] = round(time.perf_counter() - t0, 1)
     for key, row in result["noshift"].items():
@@ -240,7 +280,8 @@ def main() -> None:
     for cname, scen in result["median_delay_records"].items():
         for s, per in scen.items():
             print(f"delay {cname} {s}: {per}")
-    print(f"synthetic: {result['synthetic']}")
+    if "synthetic" in result:
+        print(f"synthetic: {result['synthetic']}")
     print(json.dumps(result))
 
 
