@@ -105,6 +105,7 @@ class Sidecar:
         self._recent_n = 0
         self.restored = False  # state and position came from a checkpoint
         self._last_checkpoint = time.monotonic()
+        self._alarm_pending = False  # an alarm fired since the last checkpoint: write one at once
         position = self._restore() if settings.checkpoint.path else None
         self.tail = FileTail(settings.source.path, settings.source.from_start,
                              position=(position or {}).get("file")) if (
@@ -152,6 +153,7 @@ class Sidecar:
         if path is None:
             return
         with self.lock:
+            self._alarm_pending = False
             ameta, aarrays = self.analyzer.state_dict()
             arrays = {f"analyzer/{k}": np.array(v) for k, v in aarrays.items()}
             arrays["sidecar/score_buckets"] = self.score_buckets.copy()
@@ -182,7 +184,10 @@ class Sidecar:
             with self.lock:  # per batch: a scrape waits for one batch at most
                 before = self.analyzer.scored_total
                 invalid_before = sum(self.analyzer.stats.invalid_total.values())
-                fired += self.analyzer.update(batch)
+                events = self.analyzer.update(batch)
+                fired += events
+                if events:  # an alarm's state is checkpointed at once, so a crash does not fire it twice
+                    self._alarm_pending = True
                 if counts is not None:
                     counts["invalid"] = (counts.get("invalid", 0)
                                          + sum(self.analyzer.stats.invalid_total.values()) - invalid_before)
@@ -288,11 +293,16 @@ class Sidecar:
             self.ingest(records, corrupt)
         return len(records)
 
+    def checkpoint_due(self) -> bool:
+        """An alarm fired since the last checkpoint, or the interval passed."""
+        return self._alarm_pending or (
+            time.monotonic() - self._last_checkpoint >= self.settings.checkpoint.interval_seconds)
+
     def run_source(self) -> None:
         while not self.stop.is_set():
             try:
                 n = self.poll_once()
-                if time.monotonic() - self._last_checkpoint >= self.settings.checkpoint.interval_seconds:
+                if self.checkpoint_due():
                     self.checkpoint()
                 if n == 0 and self.kafka is None:
                     self.stop.wait(self.settings.source.poll_seconds)
