@@ -210,25 +210,26 @@ def test_array_monitor_refuses_bad_input():
     assert mon.analyzer_.stats.invalid_total["nonfinite"] == 1
 
 
-def _pseudo_offset_norms(scales: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Norms of the real groups' offsets and of 400 pseudo-groups' offsets, 64-d, 20 records per group."""
-    rng = np.random.default_rng(seed)
-    d, per = 64, 20
-    offsets = rng.normal(size=(len(scales), d)) * scales[:, None]
-    x = np.concatenate([o + rng.normal(size=(per, d)) * 0.3 for o in offsets])
-    groups = np.repeat(np.arange(len(scales)), per)
-    center = {"act:l": np.zeros(d)}
-    extra, extra_groups = calibration.pseudo_groups({"act:l": x}, groups, center, 400, rng)
-    pseudo = np.stack([extra["act:l"][extra_groups == g].mean(0) for g in np.unique(extra_groups)])
-    return np.linalg.norm(offsets, axis=1), np.linalg.norm(pseudo, axis=1)
 
+def test_concept_rate_null_widens_for_a_clustered_concept_so_another_concepts_surge_is_seen():
+    """Concept 0 comes in whole groups (a topic); concept 1 is scattered. Calibrated on groups, the
+    binomial null lets concept 0's ordinary bursts set the threshold and hides a surge of concept 1;
+    the beta-binomial null of a clustered concept does not."""
+    from monitor.analysis.detectors import ConceptRate
 
-def test_pseudo_groups_carry_heavy_tailed_group_sizes_beyond_the_largest_real_group():
-    # three groups far from the rest (a few unusual documents): pseudo-groups as far out as they are
-    heavy = np.r_[np.full(27, 1.0), np.full(3, 6.0)]
-    real, pseudo = _pseudo_offset_norms(heavy, 1)
-    assert np.quantile(pseudo, 0.99) >= 0.7 * real.max()  # Gaussian multiplier alone: 0.61
-    # Gaussian group effects (all groups alike): pseudo sizes stay near the real ones, no invented tail
-    real, pseudo = _pseudo_offset_norms(np.full(30, 1.0), 2)
-    assert np.quantile(pseudo, 0.99) <= 1.6 * real.max()
-    assert pseudo.std() / pseudo.mean() < 0.4
+    rng = np.random.default_rng(3)
+    groups = np.repeat(np.arange(80), 10)
+    topical = np.isin(groups, rng.choice(80, size=10, replace=False))
+    hits = np.stack([topical & (rng.random(len(groups)) < 0.8), rng.random(len(groups)) < 0.03], axis=1)
+    scores = np.where(hits, 0.9, 0.1)
+    surge = np.stack([np.zeros(30, bool), rng.random(30) < 0.35], axis=1)  # concept 1 at ~12x its share
+
+    found = {}
+    for name, fit_groups in (("beta-binomial", groups), ("binomial", None)):
+        det = ConceptRate(thresholds=[0.5, 0.5]).fit(scores, fit_groups)
+        sim = calibration.simulate([det], [det.transform(scores)], window=30, stride=5, evaluations=20_000,
+                                   seed=1, groups=groups)
+        (threshold,), _ = calibration.calibrate(sim, 5000)
+        found[name] = det.statistic(det.transform(np.where(surge, 0.9, 0.1))[None])[0] > threshold
+    assert det.icc_.tolist() == [0.0, 0.0]  # the last fit had no groups
+    assert found == {"beta-binomial": True, "binomial": False}

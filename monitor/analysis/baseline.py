@@ -221,7 +221,8 @@ class Baseline:
                 det = detectors.REGISTRY[test]().fit(sig[family])
                 slots.append(DetectorSlot(f"{test}:{family}", test, family, det, names))
         if config.concept_rates and probes is not None:
-            det = detectors.ConceptRate(thresholds=probes.thresholds).fit(sig["scores"])
+            det = detectors.ConceptRate(thresholds=probes.thresholds).fit(
+                sig["scores"], group_ids if config.group_by != "record" else None)
             slots.append(DetectorSlot("rate:scores", "rate", "scores", det, list(probes.concepts)))
         for family in sorted(f for f in sig if f.startswith("act:")):
             site = family.split(":", 1)[1]

@@ -14,6 +14,16 @@ scale. The threshold itself is not a fixed number: calibration sets it on simula
 streams with the other detectors (``monitor.analysis.calibration``), with the baseline's groups, so
 the between-group variation of concept rates (overdispersion) is in it too.
 
+Traffic comes in groups (documents, conversations, tenants), and a concept's share differs between
+them far more than a binomial allows: a health conversation scores "health" on most of its turns,
+an injection never appears in ordinary dialog. Fitted with the baseline's ``groups``, each concept's
+null is therefore a **beta-binomial** with the concept's intra-group correlation ``ρ`` (the ANOVA
+estimator for binary data, Fleiss, "Statistical Methods for Rates and Proportions", ch. 15): a
+concept that clusters by group has a wider null, one that does not keeps the binomial (``ρ = 0``).
+Without it, the concept with the most clustered groups would set the one calibrated threshold of
+this detector, and a surge of any other concept would have to beat that concept's ordinary topical
+bursts (the demo's 42 % injection surge went unseen behind health conversations).
+
 Components (attribution and the per-concept surge metric) are the per-concept ``−log10`` tails.
 
 >>> import numpy as np
@@ -34,7 +44,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from scipy.stats import binom
+from scipy.stats import betabinom, binom
 
 from monitor.analysis.detectors.base import as_windows
 from monitor.probes.probe import hits
@@ -51,10 +61,12 @@ class ConceptRate:
     def transform(self, scores: np.ndarray, cache: dict | None = None) -> np.ndarray:
         return hits(np.asarray(scores, dtype=np.float64), self.thresholds).astype(np.float64)
 
-    def fit(self, reference_scores: np.ndarray) -> ConceptRate:
-        rates = self.transform(reference_scores).mean(axis=0)
+    def fit(self, reference_scores: np.ndarray, groups: np.ndarray | None = None) -> ConceptRate:
+        h = self.transform(reference_scores)
+        rates = h.mean(axis=0)
         self.rate_ = np.clip(rates, self.min_rate, 1 - self.min_rate)  # never a zero-variance baseline
         self.baseline_rate_ = rates
+        self.icc_ = intra_group_correlation(h, groups) if groups is not None else np.zeros(h.shape[1])
         self._tables = {}
         return self
 
@@ -64,6 +76,10 @@ class ConceptRate:
         if table is None:
             h = np.arange(size + 1)[:, None]
             table = -binom.logsf(h - 1, size, self.rate_[None, :]) / np.log(10)
+            for c in np.flatnonzero(self.icc_ > 0):  # clustered concepts: the beta-binomial tail
+                spread = (1 - self.icc_[c]) / self.icc_[c]
+                a, b = self.rate_[c] * spread, (1 - self.rate_[c]) * spread
+                table[:, c] = -betabinom.logsf(h[:, 0] - 1, size, a, b) / np.log(10)
             self._tables[size] = table = np.maximum(table, 0.0)
         return table
 
@@ -85,10 +101,38 @@ class ConceptRate:
 
     def state(self) -> dict[str, Any]:
         return {"thresholds": self.thresholds, "rate": self.rate_, "baseline_rate": self.baseline_rate_,
-                "min_rate": np.array([self.min_rate])}
+                "min_rate": np.array([self.min_rate]), "icc": self.icc_}
 
     @classmethod
     def from_state(cls, state: dict[str, np.ndarray]) -> ConceptRate:
         det = cls(thresholds=state["thresholds"], min_rate=float(state["min_rate"][0]))
         det.rate_, det.baseline_rate_ = np.asarray(state["rate"]), np.asarray(state["baseline_rate"])
+        det.icc_ = np.asarray(state["icc"]) if "icc" in state else np.zeros(len(det.rate_))  # older files
         return det
+
+
+def intra_group_correlation(hits: np.ndarray, groups: np.ndarray, most: float = 0.95) -> np.ndarray:
+    """Per column of 0/1 ``hits`` ``[n, c]``: the ANOVA estimate of the intra-group correlation, in ``[0, most]``.
+
+    ``ρ = (MSB − MSW) / (MSB + (n0 − 1) MSW)`` with the between- and within-group mean squares and
+    ``n0`` the effective group size; 0 with fewer than two groups or no hits.
+
+    >>> g = np.repeat(np.arange(20), 10)
+    >>> clustered = (g % 5 == 0)[:, None].astype(float)       # all of a group, or none of it
+    >>> bool(intra_group_correlation(clustered, g)[0] > 0.9)
+    True
+    """
+    hits = np.asarray(hits, dtype=np.float64)
+    _, inv, sizes = np.unique(np.asarray(groups), return_inverse=True, return_counts=True)
+    n, k = len(hits), len(sizes)
+    if k < 2 or n <= k:
+        return np.zeros(hits.shape[1])
+    p = hits.mean(axis=0)
+    pg = np.stack([np.bincount(inv, weights=hits[:, c], minlength=k) for c in range(hits.shape[1])], axis=1)
+    pg /= sizes[:, None]
+    msb = (sizes[:, None] * (pg - p) ** 2).sum(axis=0) / (k - 1)
+    msw = (sizes[:, None] * pg * (1 - pg)).sum(axis=0) / (n - k)
+    n0 = (n - (sizes**2).sum() / n) / (k - 1)
+    denom = msb + (n0 - 1) * msw
+    rho = np.divide(msb - msw, denom, out=np.zeros_like(p), where=denom > 0)
+    return np.clip(rho, 0.0, most)
