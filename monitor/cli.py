@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import sys
-from importlib import metadata
 from pathlib import Path
 from typing import NoReturn
 
@@ -19,6 +18,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
+
+from monitor import version
 
 app = typer.Typer(help="latentwatch: drift monitoring for the internals of deployed transformer models.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -65,14 +66,6 @@ def main() -> None:
         error(str(exc) if user else f"internal error: {type(exc).__name__}: {exc} "
                                     "(run again with --debug for the traceback)")
         sys.exit(2 if user else 1)
-
-
-def version() -> str:
-    """The installed distribution's version ("unknown" when the code runs from a checkout that is not installed)."""
-    try:
-        return metadata.version("latentwatch")
-    except metadata.PackageNotFoundError:
-        return "unknown"
 
 
 def _print_version(value: bool) -> None:

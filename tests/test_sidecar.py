@@ -201,3 +201,30 @@ def test_environment_overrides_the_file(tmp_path, artifacts):
         assert load_settings(tmp_path / "c.yaml").port == 9999
     finally:
         del os.environ["LATENTWATCH_PORT"]
+
+
+def test_metrics_negotiate_openmetrics_and_gzip_and_carry_build_and_process_info(artifacts, tmp_path):
+    import gzip
+
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
+
+    from monitor import version
+
+    proc, port, _ = start(artifacts, tmp_path)
+    try:
+        url = f"http://127.0.0.1:{port}/metrics"
+        req = urllib.request.Request(url, headers={"Accept": "application/openmetrics-text; version=1.0.0",
+                                                   "Accept-Encoding": "gzip"})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            assert resp.headers["Content-Type"].startswith("application/openmetrics-text")
+            assert resp.headers["Content-Encoding"] == "gzip"
+            text = gzip.decompress(resp.read()).decode()
+        assert text.rstrip().endswith("# EOF")  # OpenMetrics framing, and it parses as such
+        names = {f.name for f in openmetrics_families(text)}
+        assert {"latentwatch_build", "process_resident_memory_bytes", "latentwatch_records_received"} <= names
+        plain = metrics(port)  # no Accept: the classic text format, uncompressed
+        build = plain["latentwatch_build_info"].samples[0].labels  # the classic format: a gauge
+        assert build["version"] == version() and build["baseline_format"] == "2"
+        assert plain["process_resident_memory_bytes"].samples[0].value > 0
+    finally:
+        assert stop(proc)[0] == 0

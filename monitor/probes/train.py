@@ -53,6 +53,7 @@ from sklearn.preprocessing import StandardScaler
 from collectors.models import LoadedModel
 from collectors.signature import WINDOW
 from collectors.sites import default_sites, find_blocks
+from monitor import version
 from monitor.probes.activations import FeatureCache
 from monitor.probes.concepts import (
     MIN_ORDINARY_SOURCES,
@@ -528,12 +529,7 @@ _KEYED_SOURCES = ("monitor/probes/train.py", "monitor/probes/concepts.py", "moni
 
 def code_version() -> str:
     """Package version + :data:`TRAINING_VERSION` + a hash of the code that turns texts into probes."""
-    from importlib import metadata
-
-    try:
-        package = metadata.version("latentwatch")
-    except metadata.PackageNotFoundError:
-        package = "unknown"
+    package = version()
     root = Path(__file__).resolve().parents[2]
     h = hashlib.blake2b(digest_size=6)
     for rel in _KEYED_SOURCES:

@@ -25,6 +25,7 @@ Handlers that take the analyzer lock (a scrape, an ingest batch) run in the thre
 from __future__ import annotations
 
 import asyncio
+import gzip
 import hmac
 import logging
 import socket
@@ -33,7 +34,8 @@ import time
 from typing import Any, Protocol
 
 import uvicorn
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -95,8 +97,14 @@ def _busy(conn: Any) -> bool:
 
 
 def scrape_app(sidecar: Servable) -> Starlette:
-    def metrics(_: Request) -> Response:  # sync: runs in the thread pool (it waits for the analyzer lock)
-        return Response(generate_latest(sidecar.registry), media_type=CONTENT_TYPE_LATEST)
+    def metrics(request: Request) -> Response:  # sync: runs in the thread pool (it waits for the analyzer lock)
+        # OpenMetrics when the scraper asks for it (Accept), gzip when it accepts it (Accept-Encoding)
+        encoder, content_type = choose_encoder(request.headers.get("accept", ""))
+        body = encoder(sidecar.registry)
+        headers = {}
+        if "gzip" in request.headers.get("accept-encoding", ""):
+            body, headers = gzip.compress(body, compresslevel=5), {"Content-Encoding": "gzip"}
+        return Response(body, media_type=content_type, headers=headers)
 
     def healthz(_: Request) -> Response:
         return PlainTextResponse("ok\n")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import platform
 import signal
 import threading
 import time
@@ -26,11 +27,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Info, PlatformCollector, ProcessCollector
 from threadpoolctl import threadpool_limits
 
 from collectors.record import PREFIX, Record, RecordError, decode, frame_length
+from monitor import version
 from monitor.analysis.analyzer import AlarmEvent, Analyzer
+from monitor.analysis.baseline import VERSION as BASELINE_VERSION
 from monitor.analysis.baseline import Baseline
 from monitor.probes.probe import ProbeSet
 from monitor.sidecar import checkpoint
@@ -115,6 +118,12 @@ class Sidecar:
                       if settings.source.kind == "kafka" and settings.source.kafka else None)
         self.registry = CollectorRegistry()
         self.registry.register(SidecarCollector(self))
+        # the process itself (CPU, memory, open files, start time) and what is running
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        Info("latentwatch_build", "latentwatch version, Python version and baseline format of this sidecar",
+             registry=self.registry).info({"version": version(), "python": platform.python_version(),
+                                           "baseline_format": str(BASELINE_VERSION)})
         self.stop = threading.Event()
 
     # ---------------------------------------------------------------- checkpoints
