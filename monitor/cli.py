@@ -524,11 +524,13 @@ def alerts_build(
     crd: Path = typer.Option(Path("deploy/kubernetes/prometheusrule.yaml"),
                              help="the same rules as a Prometheus Operator PrometheusRule"),
     runbook_base: str = typer.Option(None, help="URL prefix of docs/runbooks (default: the project's)"),
+    grafana_url: str = typer.Option(None, help="Grafana's URL, for each alert's dashboard_url "
+                                               "(default: http://localhost:3000)"),
 ) -> None:
     """Write the rule file and the PrometheusRule from monitor/ops/rules.py."""
     from monitor.ops import rules
 
-    for path in rules.write(out, crd, runbook_base or rules.RUNBOOK_BASE):
+    for path in rules.write(out, crd, runbook_base or rules.RUNBOOK_BASE, grafana_url or rules.GRAFANA_URL):
         console.print(f"wrote {path}")
 
 

@@ -103,3 +103,22 @@ def test_push_sends_each_dashboard_to_the_dashboard_api():
 def test_push_to_nowhere_is_a_clear_error():
     result = CliRunner().invoke(app, ["dashboards", "push", "--url", f"http://127.0.0.1:{free_port()}"])
     assert result.exit_code == 2 and "pushing to" in result.output
+
+
+def test_every_panel_has_a_description_and_every_alert_a_dashboard_url():
+    import json
+
+    from monitor.ops import rules
+
+    uids = set()
+    for path in sorted((ROOT / "dashboards").glob("*.json")):
+        board = json.loads(path.read_text())
+        uids.add(board["uid"])
+        for panel in board["panels"]:
+            if panel["type"] != "row":
+                assert panel.get("description"), f"{path.name}: {panel['title']} has no description"
+    for group in rules.rule_groups()["groups"]:
+        for rule in group["rules"]:
+            if "alert" in rule:
+                url = rule["annotations"]["dashboard_url"]
+                assert url.split("/d/", 1)[1].split("?")[0] in uids, url

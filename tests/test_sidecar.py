@@ -137,8 +137,8 @@ def test_metrics_reflect_what_was_fed(artifacts, tmp_path):
         assert hist.type == "histogram"
         count = {s.labels["concept"]: s.value for s in hist.samples if s.name.endswith("_count")}
         assert count == {"injection": 600, "toxicity": 600}
-        rates = {s.labels["concept"]: s.value for s in m["latentwatch_concept_rate"].samples}
-        base_rates = {s.labels["concept"]: s.value for s in m["latentwatch_concept_baseline_rate"].samples}
+        rates = {s.labels["concept"]: s.value for s in m["latentwatch_concept_ratio"].samples}
+        base_rates = {s.labels["concept"]: s.value for s in m["latentwatch_concept_baseline_ratio"].samples}
         assert rates["injection"] > base_rates["injection"] + 0.3
         dropped = {s.labels["replica"]: s.value for s in m["latentwatch_tap_dropped"].samples
                    if s.name.endswith("_total") and s.labels["stage"] == "queue"}

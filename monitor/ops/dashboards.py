@@ -65,7 +65,7 @@ def _variables(d: dash.Dashboard, extra: str | None) -> dash.Dashboard:
             "/^(?:norm:|attn:)?(.*)$/"))
     elif extra == "concept":
         d = d.with_variable(_query_variable("concept", "Concept",
-                                            f"label_values(latentwatch_concept_rate{{{M}}}, concept)"))
+                                            f"label_values(latentwatch_concept_ratio{{{M}}}, concept)"))
     return d
 
 
@@ -86,28 +86,36 @@ def overview() -> dash.Dashboard:
     d = _base("latentwatch-overview", "latentwatch / Overview",
               "Health and throughput of the latentwatch taps and sidecars, and what is firing.", None)
     d = d.with_row(dash.Row("Health"))
-    d = d.with_panel(stat.Panel().title("Sidecars up").height(4).span(6).datasource(DS)
+    d = d.with_panel(stat.Panel().title("Sidecars up").unit("short").height(4).span(6).datasource(DS)
+                     .description("latentwatch sidecars that Prometheus scrapes successfully (up == 1).")
                      .with_target(_query(f"sum(up{{{JOB_SELECTOR}}})", instant=True)))
     d = d.with_panel(stat.Panel().title("Records analyzed / s").unit("reqps").height(4).span(6).datasource(DS)
+                     .description("Signatures the sidecars analyzed per second, all models (5-minute rate).")
                      .with_target(_query(f"sum(rate(latentwatch_records_received_total{{{M}}}[{RATE}]))")))
     d = d.with_panel(stat.Panel().title("Detectors above threshold").height(4).span(6).datasource(DS)
                      .description("Detectors whose statistic is above its calibrated threshold now.")
                      .with_target(_query(f"count(latentwatch:drift_ratio:max{{{M}}} > 1) or vector(0)")))
     d = d.with_panel(stat.Panel().title("Tap drops / s").unit("reqps").height(4).span(6).datasource(DS)
+                     .description("Sampled requests the taps dropped per second (queue full, sink errors): serving is "
+                                  "never blocked, so overload shows here.")
                      .with_target(_query(f"sum(rate(latentwatch_tap_dropped_total{{{M}}}[{RATE}])) or vector(0)")))
     d = d.with_panel(table.Panel().title("Firing latentwatch alerts").height(6).span(24).datasource(DS)
                      .description("From Prometheus' ALERTS series; see docs/runbooks for each alert.")
                      .with_target(_query('ALERTS{alertname=~"Latentwatch.*", alertstate="firing"}', instant=True)))
     d = d.with_row(dash.Row("Throughput and losses"))
-    d = d.with_panel(_ts("Records analyzed per second, by sidecar", "reqps").with_target(
+    d = d.with_panel(_ts("Records analyzed per second, by sidecar", "reqps",
+                         "Records each sidecar received and analyzed, 5-minute rate.").with_target(
         _query(f"sum by (instance) (rate(latentwatch_records_received_total{{{M}}}[{RATE}]))", "{{instance}}")))
-    d = d.with_panel(_ts("Requests sampled per second, by tap replica", "reqps").with_target(
+    d = d.with_panel(_ts("Requests sampled per second, by tap replica", "reqps",
+                         "Requests each tap replica sampled into signatures, 5-minute rate.").with_target(
         _query(f"sum by (replica) (rate(latentwatch_tap_requests_sampled_total{{{M}}}[{RATE}]))", "{{replica}}")))
     d = d.with_panel(_ts("Tap drops per second, by replica and stage", "reqps",
                          "queue: the tap's worker was behind; transport: the sink or broker was down or slow")
                      .with_target(_query(f"sum by (replica, stage) (rate(latentwatch_tap_dropped_total{{{M}}}"
                                          f"[{RATE}]))", "{{replica}} {{stage}}")))
-    d = d.with_panel(_ts("Invalid records per second, by reason", "reqps").with_target(
+    d = d.with_panel(_ts("Invalid records per second, by reason", "reqps",
+                         "Records the analyzer refused (another model, sites or dims, non-finite or implausible "
+                         "values), by reason; they never touch the drift state.").with_target(
         _query(f"sum by (reason) (rate(latentwatch_records_invalid_total{{{M}}}[{RATE}]))", "{{reason}}")))
     d = d.with_row(dash.Row("Lag"))
     d = d.with_panel(_ts("Analyzer lag", "s", "Now minus the timestamp of the newest analyzed record").with_target(
@@ -121,32 +129,37 @@ def overview() -> dash.Dashboard:
 def concepts() -> dash.Dashboard:
     d = _base("latentwatch-concepts", "latentwatch / Concepts",
               "Concept probe scores and rates of live traffic against the baseline. " + CAVEAT, "concept")
-    d = d.with_panel(text.Panel().title("How to read this").height(3).span(24).content(
+    d = d.with_panel(text.Panel().title("How to read this").height(3).span(24)
+                     .description("What the panels below show, and how far to trust a probe score.").content(
         "Each concept is scored by a linear probe on the model's activations. " + CAVEAT
         + " See each probe's card (`latentwatch probes show`) for its held-out and cross-source accuracy."))
     d = d.with_panel(_ts("Concept rate vs baseline rate", "percentunit",
                          "Share of the current window above each probe's threshold; dashed: the baseline's share")
-                     .with_target(_query(f"max by (concept) (latentwatch_concept_rate{{{M}, {CONCEPT}}})",
+                     .with_target(_query(f"max by (concept) (latentwatch_concept_ratio{{{M}, {CONCEPT}}})",
                                          "{{concept}}"))
-                     .with_target(_query(f"max by (concept) (latentwatch_concept_baseline_rate{{{M}, {CONCEPT}}})",
+                     .with_target(_query(f"max by (concept) (latentwatch_concept_baseline_ratio{{{M}, {CONCEPT}}})",
                                          "{{concept}} (baseline)", ref="B"))
                      .override_by_regexp(".*\\(baseline\\)", [{"id": "custom.lineStyle",
                                                                "value": {"fill": "dash", "dash": [10, 10]}}]))
-    d = d.with_panel(_ts("Mean probe score", "percentunit").with_target(
+    d = d.with_panel(_ts("Mean probe score", "percentunit",
+                         "Average calibrated probe score per concept over the rate window (0-1).").with_target(
         _query(f"sum by (concept) (rate(latentwatch_concept_score_sum{{{M}, {CONCEPT}}}[{RATE}])) / "
                f"sum by (concept) (rate(latentwatch_concept_score_count{{{M}, {CONCEPT}}}[{RATE}]))", "{{concept}}")))
     d = d.with_panel(heatmap.Panel().title("Probe score distribution ($concept)").height(9).span(12).datasource(DS)
+                     .description("Histogram of the concept's probe scores over time (requests per score bucket).")
                      .repeat("concept").max_per_row(2)
                      .with_target(_query(f"sum by (le) (increase(latentwatch_concept_score_bucket{{{M}, "
                                          f"{CONCEPT}}}[{RATE}]))", "{{le}}").format("heatmap")))
     d = d.with_panel(_ts("Score drift: statistic / calibrated threshold", "short",
                          "Above 1: the detector is in alarm (ks:scores per concept, rate:scores)").with_target(
         _query(f'latentwatch:drift_ratio:max{{{M}, signal="scores"}}', "{{detector}}")))
-    d = d.with_panel(_ts("Mean score in window vs baseline", "short").with_target(
+    d = d.with_panel(_ts("Mean score in window vs baseline", "percentunit",
+                         "Mean probe score of the current window per concept, against the baseline's.").with_target(
         _query(f'max by (component) (latentwatch_signal_window_mean{{{M}, signal="scores"}})', "{{component}}"))
         .with_target(_query(f'max by (component) (latentwatch_signal_baseline_mean{{{M}, signal="scores"}})',
                             "{{component}} (baseline)", ref="B")))
-    d = d.with_panel(table.Panel().title("Loaded probes").height(6).span(24).datasource(DS).with_target(
+    d = d.with_panel(table.Panel().title("Loaded probes").height(6).span(24).datasource(DS)
+                     .description("Probes this sidecar loaded (concept, site, pooling, threshold).").with_target(
         _query(f"latentwatch_probe_info{{{M}}}", instant=True)))
     return d
 
@@ -158,7 +171,8 @@ def internals() -> dash.Dashboard:
                          "Each detector's statistic divided by its calibrated threshold; above 1 = alarm")
                      .with_target(_query(f"latentwatch:drift_ratio:max{{{M}, {SITE}}}", "{{detector}}"))
                      .span(24))
-    d = d.with_panel(_ts("Statistic and threshold ($site)", "short").repeat("site").max_per_row(2)
+    d = d.with_panel(_ts("Statistic and threshold ($site)", "short",
+                         "Each detector's statistic against its calibrated threshold.").repeat("site").max_per_row(2)
                      .with_target(_query(f"max by (detector) (latentwatch_drift_statistic{{{M}, {SITE}}})",
                                          "{{detector}}"))
                      .with_target(_query(f"max by (detector) (latentwatch_drift_threshold{{{M}, {SITE}}})",
@@ -167,7 +181,8 @@ def internals() -> dash.Dashboard:
                          "Per head and statistic (entropy, first_token_mass, mean_distance, max_weight)")
                      .with_target(_query(f'max by (signal, component) (latentwatch_signal_window_mean{{{M}, '
                                          f'signal=~"attn:($site)"}})', "{{signal}} {{component}}")))
-    d = d.with_panel(_ts("Attention-head statistics: window − baseline mean", "short").with_target(
+    d = d.with_panel(_ts("Attention-head statistics: window − baseline mean", "short",
+                         "Per head and statistic, window mean minus baseline mean.").with_target(
         _query(f'max by (signal, component) (latentwatch_signal_window_mean{{{M}, signal=~"attn:($site)"}}) - '
                f'max by (signal, component) (latentwatch_signal_baseline_mean{{{M}, signal=~"attn:($site)"}})',
                "{{signal}} {{component}}")))

@@ -20,13 +20,14 @@ additionally needs the crossing to last ``for:``, so its false-alarm rate is at 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 RUNBOOK_BASE = "https://github.com/latentwatch/latentwatch/blob/main/docs/runbooks"
+GRAFANA_URL = "http://localhost:3000"  # where the dashboards of monitor/ops/dashboards.py are loaded
 JOB_SELECTOR = 'job=~".*latentwatch.*"'
 
 
@@ -39,6 +40,7 @@ class AlertSpec:
     summary: str
     description: str
     extra_labels: tuple[tuple[str, str], ...] = ()
+    dashboard: str = "latentwatch-overview"  # uid of the dashboard to open first
 
 
 ATTRIBUTION = (
@@ -57,8 +59,8 @@ RECORDING = [
      "sum by (model_name, replica) (rate(latentwatch_tap_requests_sampled_total[5m]))"),
     ("latentwatch:tap_dropped:rate5m",
      "sum by (model_name, replica, stage) (rate(latentwatch_tap_dropped_total[5m]))"),
-    ("latentwatch:concept_rate:max", "max by (model_name, concept) (latentwatch_concept_rate)"),
-    ("latentwatch:concept_baseline_rate:max", "max by (model_name, concept) (latentwatch_concept_baseline_rate)"),
+    ("latentwatch:concept_ratio:max", "max by (model_name, concept) (latentwatch_concept_ratio)"),
+    ("latentwatch:concept_baseline_ratio:max", "max by (model_name, concept) (latentwatch_concept_baseline_ratio)"),
     # per concept: the window's binomial tail against the rate detector's calibrated threshold (the same budget)
     ("latentwatch:concept_surge_ratio:max",
      "max by (model_name, concept) (latentwatch_concept_surge_statistic / on (instance, model_name) group_left "
@@ -71,7 +73,7 @@ RECORDING = [
 
 
 def alert_specs(job_selector: str = JOB_SELECTOR, lag_records: int = 10_000) -> list[AlertSpec]:
-    return [
+    specs = [
         AlertSpec(
             "LatentwatchConceptDrift", "critical", 'latentwatch:drift_ratio:max{signal="scores"} > 1', 120,
             "{{ $labels.model_name }}: probe scores drifted ({{ $labels.test }})",
@@ -87,10 +89,10 @@ def alert_specs(job_selector: str = JOB_SELECTOR, lag_records: int = 10_000) -> 
         AlertSpec(
             "LatentwatchConceptRateSurge", "critical", "latentwatch:concept_surge_ratio:max > 1", 120,
             "{{ $labels.model_name }}: {{ $labels.concept }} rate surged",
-            "{{ with printf \"latentwatch:concept_rate:max{model_name=%q, concept=%q}\" $labels.model_name "
+            "{{ with printf \"latentwatch:concept_ratio:max{model_name=%q, concept=%q}\" $labels.model_name "
             "$labels.concept | query }}{{ . | first | value | humanizePercentage }}{{ end }} of the last window of "
             "{{ $labels.model_name }}'s requests score above the {{ $labels.concept }} probe threshold, against "
-            "{{ with printf \"latentwatch:concept_baseline_rate:max{model_name=%q, concept=%q}\" $labels.model_name "
+            "{{ with printf \"latentwatch:concept_baseline_ratio:max{model_name=%q, concept=%q}\" $labels.model_name "
             "$labels.concept | query }}{{ . | first | value | humanizePercentage }}{{ end }} in the baseline: "
             "{{ $value | printf \"%.2f\" }}x the calibrated threshold of rate:scores (a share that high comes from "
             "no-drift traffic less often than the false-alarm budget allows). "
@@ -151,6 +153,14 @@ def alert_specs(job_selector: str = JOB_SELECTOR, lag_records: int = 10_000) -> 
             "{{ $labels.instance }} has not reached the brokers for {{ $labels.topic }} in 5 minutes; its "
             "partitions are not being analyzed."),
     ]
+    return [replace(spec, dashboard=DASHBOARD_OF.get(spec.name, spec.dashboard)) for spec in specs]
+
+
+# the dashboard an alert's dashboard_url opens (the rest: latentwatch-overview)
+DASHBOARD_OF = {"LatentwatchConceptDrift": "latentwatch-concepts",
+                "LatentwatchConceptRateSurge": "latentwatch-concepts",
+                "LatentwatchProbeOutOfDomain": "latentwatch-concepts",
+                "LatentwatchInternalDrift": "latentwatch-internals"}
 
 
 def _duration(seconds: float) -> str:
@@ -158,7 +168,14 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 60}m" if seconds % 60 == 0 else f"{seconds}s"
 
 
-def rule_groups(runbook_base: str = RUNBOOK_BASE, for_scale: float = 1.0, **thresholds: Any) -> dict[str, Any]:
+def dashboard_url(spec: AlertSpec, grafana_url: str = GRAFANA_URL) -> str:
+    """The alert's dashboard, filtered to the alert's model when the alert has that label."""
+    url = f"{grafana_url.rstrip('/')}/d/{spec.dashboard}"
+    return url + "?var-model_name={{ $labels.model_name }}" if "$labels.model_name" in spec.summary else url
+
+
+def rule_groups(runbook_base: str = RUNBOOK_BASE, for_scale: float = 1.0, grafana_url: str = GRAFANA_URL,
+                **thresholds: Any) -> dict[str, Any]:
     """The rule file as a dict. ``for_scale`` shortens every ``for:`` (end-to-end tests only)."""
     alerts = []
     for spec in alert_specs(**thresholds):
@@ -166,7 +183,8 @@ def rule_groups(runbook_base: str = RUNBOOK_BASE, for_scale: float = 1.0, **thre
             "alert": spec.name, "expr": spec.expr, "for": _duration(spec.for_seconds * for_scale),
             "labels": {"severity": spec.severity, **dict(spec.extra_labels)},
             "annotations": {"summary": spec.summary, "description": spec.description,
-                            "runbook_url": f"{runbook_base.rstrip('/')}/{spec.name}.md"},
+                            "runbook_url": f"{runbook_base.rstrip('/')}/{spec.name}.md",
+                            "dashboard_url": dashboard_url(spec, grafana_url)},
         })
     groups: list[dict[str, Any]] = [
         {"name": "latentwatch.rules", "rules": [{"record": name, "expr": expr} for name, expr in RECORDING]},
@@ -193,8 +211,9 @@ def prometheus_rule(groups: dict[str, Any], namespace: str = "monitoring") -> di
             "spec": groups}
 
 
-def write(rules_path: Path, crd_path: Path | None, runbook_base: str = RUNBOOK_BASE) -> list[Path]:
-    groups = rule_groups(runbook_base)
+def write(rules_path: Path, crd_path: Path | None, runbook_base: str = RUNBOOK_BASE,
+          grafana_url: str = GRAFANA_URL) -> list[Path]:
+    groups = rule_groups(runbook_base, grafana_url=grafana_url)
     rules_path.parent.mkdir(parents=True, exist_ok=True)
     rules_path.write_text(HEADER + to_yaml(groups))
     written = [rules_path]

@@ -131,10 +131,10 @@ class SidecarCollector(Collector):
                 buckets.append(("+Inf", float(cum[-1])))
                 hist.add_metric([m, concept], buckets, float(sc.score_sum[j]))
             yield hist
-            rate = GaugeMetricFamily("latentwatch_concept_rate",
+            rate = GaugeMetricFamily("latentwatch_concept_ratio",
                                      "Share of the current window above the probe threshold",
                                      labels=["model_name", "concept"])
-            base_rate = GaugeMetricFamily("latentwatch_concept_baseline_rate", "Share above threshold in the baseline",
+            base_rate = GaugeMetricFamily("latentwatch_concept_baseline_ratio", "Share above threshold in the baseline",
                                           labels=["model_name", "concept"])
             window = sc.window_rates()
             for concept in sc.probes.concepts:
