@@ -265,7 +265,8 @@ def test_broker_outage_never_blocks_serving(smollm2, tmp_path):
                                  consumer_timeout_ms=5000)
         delivered = list(consumer)
         consumer.close()
-        assert len(delivered) >= 8
+        # the returned broker started empty: it holds exactly what the sink had acked since then
+        assert len(delivered) == sink.acked - acked_before >= 1
         # the monitor learns about the outage's drops from the next delivered record
         assert int(decode(delivered[-1].value).meta["sink_dropped"]) >= 80
         print(json.dumps({"forward_ms_normal": round(1000 * normal, 2), "forward_ms_broker_down":
