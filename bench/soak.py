@@ -109,6 +109,7 @@ def hwm(pid: int) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--no-ingest", action="store_true", help="file source only (to tell which path loses)")
     args = ap.parse_args()
     restarts, interval = (4, 6.0) if args.quick else (16, 15.0)
     folder = Path(tempfile.mkdtemp(prefix="lw-soak-"))
@@ -211,7 +212,8 @@ def main() -> None:
 
     proc = start()
     serving.set()
-    threads = [threading.Thread(target=f, daemon=True) for f in (writer, ingester, scraper, idlers)]
+    loads = (writer, scraper, idlers) if args.no_ingest else (writer, ingester, scraper, idlers)
+    threads = [threading.Thread(target=f, daemon=True) for f in loads]
     for t in threads:
         t.start()
     peak = hwm(proc.pid)
