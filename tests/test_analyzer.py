@@ -184,3 +184,15 @@ def test_probes_without_validity_reference_report_none(baseline):
     analyzer = Analyzer(baseline, probes())
     analyzer.update(make_records(200, np.random.default_rng(8)))
     assert analyzer.probe_validity() == {} and analyzer.out_of_domain() == set()
+
+
+def test_probe_validity_survives_a_checkpoint_round_trip():
+    rng = np.random.default_rng(9)
+    ps = _probes_with_validity(rng)
+    base = Baseline.build(make_records(3000, np.random.default_rng(0)), ps, CONFIG)
+    one = Analyzer(base, ps)
+    one.update(make_records(150, rng, concept_shift=1.5))
+    meta, arrays = one.state_dict()
+    two = Analyzer(base, ps)
+    two.load_state_dict(meta, arrays)
+    assert two.probe_validity() == one.probe_validity() and two.out_of_domain() == {"injection"}

@@ -240,6 +240,10 @@ class Analyzer:
         self._score_buf[idx] = tail
         self._score_pos = int((self._score_pos + len(tail)) % self.validity_window)
 
+    def _recent_scores(self) -> np.ndarray:
+        """The validity watch's ring of scores in arrival order, oldest first (NaN rows: not yet filled)."""
+        return np.roll(self._score_buf, -self._score_pos, axis=0)
+
     def probe_validity(self) -> dict[str, tuple[float, float]]:
         """``{concept: (ratio, threshold)}`` for probes with a validity reference; ratio > threshold (1.0)
         says the probe is out of its domain on current traffic (its window-median logit is beyond what
@@ -250,8 +254,8 @@ class Analyzer:
         for j, (concept, ref) in enumerate(zip(self.probes.concepts, self._validity_refs, strict=True)):
             if ref is None:
                 continue
-            col = self._score_buf[:, j]
-            col = col[np.isfinite(col)][-ref.window:]
+            col = self._recent_scores()[:, j]
+            col = col[np.isfinite(col)][-ref.window:]  # the newest ref.window scores
             if len(col) < ref.window:
                 out[concept] = (float("nan"), 1.0)
                 continue
@@ -281,6 +285,8 @@ class Analyzer:
                               for st in self.states]}
         arrays = {f"detector/{i}": st.buffer for i, st in enumerate(self.states)}
         arrays["concept_hits"] = np.asarray(self.concept_hits, dtype=np.float64)
+        if self.validity_window:  # the last scores of the validity watch, oldest first
+            arrays["validity_scores"] = self._recent_scores()
         return meta, arrays
 
     def load_state_dict(self, meta: dict, arrays: dict[str, np.ndarray]) -> None:
@@ -305,3 +311,6 @@ class Analyzer:
         self.scored_total = int(meta["scored_total"])
         if len(self.concept_hits):
             self.concept_hits = np.array(arrays["concept_hits"], dtype=np.float64)
+        saved = arrays.get("validity_scores")
+        if self.validity_window and saved is not None and saved.shape == self._score_buf.shape:
+            self._score_buf, self._score_pos = np.array(saved, dtype=np.float32), 0  # older checkpoints: refill
