@@ -233,3 +233,17 @@ def test_concept_rate_null_widens_for_a_clustered_concept_so_another_concepts_su
         found[name] = det.statistic(det.transform(np.where(surge, 0.9, 0.1))[None])[0] > threshold
     assert det.icc_.tolist() == [0.0, 0.0]  # the last fit had no groups
     assert found == {"beta-binomial": True, "binomial": False}
+
+
+def test_beta_binomial_tail_stays_finite_and_ordered_far_in_the_tail():
+    from monitor.analysis.detectors import ConceptRate
+
+    det = ConceptRate(thresholds=[0.5, 0.5]).fit(np.full((100, 2), 0.1))
+    det.rate_, det.icc_, det._tables = np.array([0.01, 0.01]), np.array([1e-3, 1e-5]), {}
+    table = det._table(200)
+    assert np.isfinite(table).all() and (np.diff(table, axis=0) >= -1e-9).all()
+    assert table[-1, 0] > 100  # 200 hits of a 1 % concept: far beyond any budget, not capped near 16
+    binomial = ConceptRate(thresholds=[0.5]).fit(np.full((100, 1), 0.1))
+    binomial.rate_, binomial._tables = np.array([0.01]), {}
+    np.testing.assert_allclose(table[:, 1], binomial._table(200)[:, 0])  # below MIN_ICC: the binomial
+    assert table[24, 0] < table[24, 1]  # clustering widens the null

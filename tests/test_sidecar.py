@@ -228,3 +228,10 @@ def test_metrics_negotiate_openmetrics_and_gzip_and_carry_build_and_process_info
         assert plain["process_resident_memory_bytes"].samples[0].value > 0
     finally:
         assert stop(proc)[0] == 0
+
+
+def test_gzip_only_when_accepted_with_a_positive_q():
+    from monitor.sidecar.http import _accepts_gzip
+
+    assert _accepts_gzip("gzip") and _accepts_gzip("deflate, gzip;q=0.5") and _accepts_gzip("*")
+    assert not _accepts_gzip("gzip;q=0") and not _accepts_gzip("identity") and not _accepts_gzip("")

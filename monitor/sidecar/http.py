@@ -101,9 +101,9 @@ def scrape_app(sidecar: Servable) -> Starlette:
         # OpenMetrics when the scraper asks for it (Accept), gzip when it accepts it (Accept-Encoding)
         encoder, content_type = choose_encoder(request.headers.get("accept", ""))
         body = encoder(sidecar.registry)
-        headers = {}
-        if "gzip" in request.headers.get("accept-encoding", ""):
-            body, headers = gzip.compress(body, compresslevel=5), {"Content-Encoding": "gzip"}
+        headers = {"Vary": "Accept-Encoding"}
+        if _accepts_gzip(request.headers.get("accept-encoding", "")):
+            body, headers["Content-Encoding"] = gzip.compress(body, compresslevel=5), "gzip"
         return Response(body, media_type=content_type, headers=headers)
 
     def healthz(_: Request) -> Response:
@@ -118,6 +118,19 @@ def scrape_app(sidecar: Servable) -> Starlette:
 
 def _refuse(status: int, reason: str, **headers: str) -> Response:
     return JSONResponse({"error": reason}, status_code=status, headers=headers or None)
+
+
+def _accepts_gzip(accept_encoding: str) -> bool:
+    """``gzip`` (or ``*``) listed in Accept-Encoding with a q-value above 0."""
+    for part in accept_encoding.split(","):
+        coding, _, params = part.strip().partition(";")
+        if coding.strip().lower() in ("gzip", "*"):
+            q = params.strip().lower()
+            try:
+                return not q.startswith("q=") or float(q[2:]) > 0
+            except ValueError:
+                return False
+    return False
 
 
 def ingest_app(sidecar: Servable, token: bytes) -> Starlette:

@@ -162,7 +162,7 @@ class Sidecar:
         if path is None:
             return
         with self.lock:
-            self._alarm_pending = False
+            pending, self._alarm_pending = self._alarm_pending, False
             ameta, aarrays = self.analyzer.state_dict()
             arrays = {f"analyzer/{k}": np.array(v) for k, v in aarrays.items()}
             arrays["sidecar/score_buckets"] = self.score_buckets.copy()
@@ -178,6 +178,8 @@ class Sidecar:
             checkpoint.save(path, self.baseline_sha256, meta, arrays)
         except OSError as exc:
             log.warning("cannot write checkpoint %s: %s", path, exc)
+            with self.lock:
+                self._alarm_pending = self._alarm_pending or pending  # an alarm's state still needs a checkpoint
         self._last_checkpoint = time.monotonic()
 
     # ---------------------------------------------------------------- ingestion

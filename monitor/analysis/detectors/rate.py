@@ -49,6 +49,8 @@ from scipy.stats import betabinom, binom
 from monitor.analysis.detectors.base import as_windows
 from monitor.probes.probe import hits
 
+MIN_ICC = 1e-4  # below this intra-group correlation a concept keeps the binomial null (the same to rounding)
+
 
 class ConceptRate:
     name = "rate"
@@ -75,11 +77,14 @@ class ConceptRate:
         table = self._tables.get(size)
         if table is None:
             h = np.arange(size + 1)[:, None]
-            table = -binom.logsf(h - 1, size, self.rate_[None, :]) / np.log(10)
-            for c in np.flatnonzero(self.icc_ > 0):  # clustered concepts: the beta-binomial tail
+            log_pmf = binom.logpmf(h, size, self.rate_[None, :])
+            for c in np.flatnonzero(self.icc_ >= MIN_ICC):  # clustered concepts: the beta-binomial
                 spread = (1 - self.icc_[c]) / self.icc_[c]
                 a, b = self.rate_[c] * spread, (1 - self.rate_[c]) * spread
-                table[:, c] = -betabinom.logsf(h[:, 0] - 1, size, a, b) / np.log(10)
+                log_pmf[:, c] = betabinom.logpmf(h[:, 0], size, a, b)
+            # log P(X >= h) summed from the pmf: scipy's logsf is log(1 - cdf), which saturates near 1e-16
+            # (and turns NaN for the beta-binomial once the cdf rounds above 1)
+            table = -np.logaddexp.accumulate(log_pmf[::-1], axis=0)[::-1] / np.log(10)
             self._tables[size] = table = np.maximum(table, 0.0)
         return table
 
