@@ -20,7 +20,7 @@ additionally needs the crossing to last ``for:``, so its false-alarm rate is at 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -73,19 +73,20 @@ RECORDING = [
 
 
 def alert_specs(job_selector: str = JOB_SELECTOR, lag_records: int = 10_000) -> list[AlertSpec]:
-    specs = [
+    return [
         AlertSpec(
             "LatentwatchConceptDrift", "critical", 'latentwatch:drift_ratio:max{signal="scores"} > 1', 120,
             "{{ $labels.model_name }}: probe scores drifted ({{ $labels.test }})",
             "The distribution of concept probe scores of {{ $labels.model_name }} is {{ $value | printf \"%.2f\" }}x "
             "the calibrated threshold of {{ $labels.detector }}. Concepts that moved most: " + ATTRIBUTION
-            + "Probe scores are correlational evidence, not proof of the concept: confirm on the Concepts dashboard."),
+            + "Probe scores are correlational evidence, not proof of the concept: confirm on the Concepts dashboard.",
+            dashboard="latentwatch-concepts"),
         AlertSpec(
             "LatentwatchInternalDrift", "warning", 'latentwatch:drift_ratio:max{signal!="scores"} > 1', 300,
             "{{ $labels.model_name }}: internals drifted at {{ $labels.signal }} ({{ $labels.test }})",
             "{{ $labels.detector }} on {{ $labels.model_name }} is {{ $value | printf \"%.2f\" }}x its calibrated "
             "threshold: the model's activations or attention at {{ $labels.signal }} no longer look like the "
-            "baseline. Moved most: " + ATTRIBUTION),
+            "baseline. Moved most: " + ATTRIBUTION, dashboard="latentwatch-internals"),
         AlertSpec(
             "LatentwatchConceptRateSurge", "critical", "latentwatch:concept_surge_ratio:max > 1", 120,
             "{{ $labels.model_name }}: {{ $labels.concept }} rate surged",
@@ -96,7 +97,8 @@ def alert_specs(job_selector: str = JOB_SELECTOR, lag_records: int = 10_000) -> 
             "$labels.concept | query }}{{ . | first | value | humanizePercentage }}{{ end }} in the baseline: "
             "{{ $value | printf \"%.2f\" }}x the calibrated threshold of rate:scores (a share that high comes from "
             "no-drift traffic less often than the false-alarm budget allows). "
-            "Probe scores are correlational evidence: confirm on the Concepts dashboard."),
+            "Probe scores are correlational evidence: confirm on the Concepts dashboard.",
+            dashboard="latentwatch-concepts"),
         AlertSpec(
             "LatentwatchProbeOutOfDomain", "warning", "latentwatch:probe_validity_ratio:max > 1", 600,
             "{{ $labels.model_name }}: {{ $labels.concept }} probe scores are not trustworthy on current traffic",
@@ -104,7 +106,8 @@ def alert_specs(job_selector: str = JOB_SELECTOR, lag_records: int = 10_000) -> 
             "requests is {{ $value | printf \"%.2f\" }}x beyond what held-out ordinary sources reached when the "
             "probe was carded: current traffic is unlike the text the probe was trained and validated on, so its "
             "false-positive rate is unknown and drift attributed to {{ $labels.concept }} is marked "
-            "'(probe out of domain)'. Check the Concepts dashboard; run `latentwatch probes eval` on a sample."),
+            "'(probe out of domain)'. Check the Concepts dashboard; run `latentwatch probes eval` on a sample.",
+            dashboard="latentwatch-concepts"),
         AlertSpec(
             "LatentwatchSidecarDown", "critical", f"up{{{job_selector}}} == 0", 120,
             "latentwatch sidecar {{ $labels.instance }} is down",
@@ -153,14 +156,6 @@ def alert_specs(job_selector: str = JOB_SELECTOR, lag_records: int = 10_000) -> 
             "{{ $labels.instance }} has not reached the brokers for {{ $labels.topic }} in 5 minutes; its "
             "partitions are not being analyzed."),
     ]
-    return [replace(spec, dashboard=DASHBOARD_OF.get(spec.name, spec.dashboard)) for spec in specs]
-
-
-# the dashboard an alert's dashboard_url opens (the rest: latentwatch-overview)
-DASHBOARD_OF = {"LatentwatchConceptDrift": "latentwatch-concepts",
-                "LatentwatchConceptRateSurge": "latentwatch-concepts",
-                "LatentwatchProbeOutOfDomain": "latentwatch-concepts",
-                "LatentwatchInternalDrift": "latentwatch-internals"}
 
 
 def _duration(seconds: float) -> str:
