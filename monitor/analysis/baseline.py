@@ -176,17 +176,16 @@ class Baseline:
                     stats[kind].append(sim.stats)
                 design.append({"repeat": rep, "fold": f, "groups": len(np.unique(group_ids[test])),
                                "records": int(test.sum()), "pseudo_groups": n_pseudo})
-        thresholds, report = None, {}
-        for kind, parts in stats.items():
-            pooled = calibration.Simulation(np.concatenate(parts, axis=0), config.window, config.stride)
-            th, rep_kind = calibration.calibrate(pooled, config.false_alarm_every)
-            thresholds = th if thresholds is None else np.maximum(thresholds, th)
-            report = rep_kind if len(stats) == 1 else {**report, kind: rep_kind}
-        if len(stats) > 1:  # the two streams as the analyzer will run them: at the combined thresholds
-            sims = [calibration.Simulation(np.concatenate(p, axis=0), config.window, config.stride)
-                    for p in stats.values()]
-            report.update(calibration.summary(sims, thresholds, config.false_alarm_every))
-            report["per_detector_alpha"] = min(report[kind]["per_detector_alpha"] for kind in stats)
+        sims = {kind: calibration.Simulation(np.concatenate(parts, axis=0), config.window, config.stride)
+                for kind, parts in stats.items()}
+        calibrated = {kind: calibration.calibrate(sim, config.false_alarm_every) for kind, sim in sims.items()}
+        thresholds = np.max([th for th, _ in calibrated.values()], axis=0)
+        if grouped:  # both stream kinds as the analyzer will run them: at the combined thresholds
+            report = {kind: rep for kind, (_, rep) in calibrated.items()}
+            report.update(calibration.summary(list(sims.values()), thresholds, config.false_alarm_every))
+            report["per_detector_alpha"] = min(rep["per_detector_alpha"] for _, rep in calibrated.values())
+        else:
+            report = calibrated["records"][1]
         report["seconds"] = round(time.perf_counter() - t0, 2)
         slots = cls._fit_slots(sig, group_ids, shapes, probes, config)  # what the analyzer runs: all records
         for slot, th in zip(slots, thresholds, strict=True):
@@ -340,8 +339,8 @@ def _resolution_warnings(report: dict[str, Any], n: int, n_groups: int, config: 
     out = []
     alpha = float(report["per_detector_alpha"])
     # each simulated stream kind is calibrated alone, so the smallest of them bounds the resolution
-    evaluations = min(int(r["evaluations"]) for r in [report.get(k) for k in ("groups", "pseudo_groups")] if r) \
-        if "groups" in report else int(report["evaluations"])
+    kinds = [report[k] for k in ("groups", "pseudo_groups") if k in report] or [report]
+    evaluations = min(int(r["evaluations"]) for r in kinds)
     windows = n / config.window
     if alpha * evaluations < 10:
         out.append(

@@ -211,18 +211,23 @@ def calibrate(sim: Simulation, ert: float) -> tuple[np.ndarray, dict[str, Any]]:
             break
     assert best is not None
     alpha, th, alarms, hazard = best
-    report = {
+    report = _report(sim, [sim], alarms, hazard, ert)
+    report["per_detector_alpha"] = alpha
+    return th, report
+
+
+def _report(sim: Simulation, sims: list[Simulation], alarms: int, hazard: float, ert: float) -> dict[str, Any]:
+    """Figures of a calibration: the alarms of ``sim`` at ``hazard``, the size of all of ``sims``."""
+    return {
         "target_records_between_false_alarms": ert,
         "simulated_records_between_false_alarms": round(float(sim.stride / hazard), 1) if hazard else None,
         "simulated_alarms": int(alarms),
         "relative_standard_error": round(1 / math.sqrt(alarms), 3) if alarms else None,
-        "per_detector_alpha": alpha,
-        "streams": int(sim.stats.shape[0]),
-        "evaluations": int(sim.stats.shape[0] * sim.stats.shape[1]),
+        "streams": int(sum(s.stats.shape[0] for s in sims)),
+        "evaluations": int(sum(s.stats.shape[0] * s.stats.shape[1] for s in sims)),
         "window": sim.window,
         "stride": sim.stride,
     }
-    return th, report
 
 
 def summary(sims: list[Simulation], thresholds: np.ndarray, ert: float) -> dict[str, Any]:
@@ -237,13 +242,4 @@ def summary(sims: list[Simulation], thresholds: np.ndarray, ert: float) -> dict[
         alarms = count_alarms(exceed)
         rows.append((alarms / (sim.stats.shape[0] * sim.stats.shape[1]), alarms, sim))
     hazard, alarms, sim = max(rows, key=lambda r: r[0])
-    return {
-        "target_records_between_false_alarms": ert,
-        "simulated_records_between_false_alarms": round(float(sim.stride / hazard), 1) if hazard else None,
-        "simulated_alarms": int(alarms),
-        "relative_standard_error": round(1 / math.sqrt(alarms), 3) if alarms else None,
-        "streams": int(sum(s.stats.shape[0] for s in sims)),
-        "evaluations": int(sum(s.stats.shape[0] * s.stats.shape[1] for s in sims)),
-        "window": sim.window,
-        "stride": sim.stride,
-    }
+    return _report(sim, sims, alarms, hazard, ert)
