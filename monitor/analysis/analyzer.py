@@ -251,10 +251,11 @@ class Analyzer:
         if self.probes is None:
             return {}
         out = {}
+        recent = self._recent_scores()
         for j, (concept, ref) in enumerate(zip(self.probes.concepts, self._validity_refs, strict=True)):
             if ref is None:
                 continue
-            col = self._recent_scores()[:, j]
+            col = recent[:, j]
             col = col[np.isfinite(col)][-ref.window:]  # the newest ref.window scores
             if len(col) < ref.window:
                 out[concept] = (float("nan"), 1.0)

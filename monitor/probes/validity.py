@@ -179,7 +179,6 @@ def fit_reference(
         idx = rng.integers(0, len(logits), size=(n_windows, window))
     else:
         members = [np.flatnonzero(np.asarray(held_groups) == g) for g in np.unique(held_groups)]
-        members = [m for m in members if len(m)]
         pick = rng.integers(0, len(members), size=n_windows)
         idx = np.stack([members[g][rng.integers(0, len(members[g]), size=window)] for g in pick])
     ref.logit_median = float(np.median(logits))
