@@ -524,6 +524,7 @@ def _auroc_se(a: float, n_pos: int, n_neg: int) -> float:
 
 TRAINING_VERSION = 2  # bump when training changes what a probe means (2: LOSO thresholds, poolings, new pack)
 _KEYED_SOURCES = ("monitor/probes/train.py", "monitor/probes/concepts.py", "monitor/probes/corpora.py",
+                  "monitor/probes/validity.py",
                   "monitor/probes/activations.py", "collectors/signature.py")
 
 
