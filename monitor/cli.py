@@ -171,6 +171,8 @@ def replay(
     skip: int = typer.Option(0, help="start after this many records"),
     kafka: str = typer.Option(None, help="bootstrap servers: write to Kafka instead of POSTing to --url"),
     topic: str = typer.Option("latentwatch.signatures", help="Kafka topic (with --kafka)"),
+    retry_seconds: float = typer.Option(60.0, help="how long a body is retried (same Idempotency-Key) while "
+                                                   "the sidecar is unreachable or restarting"),
 ) -> None:
     """Feed a recorded signature file to a running sidecar or a Kafka topic (to try alert rules, dashboards)."""
     import urllib.error
@@ -195,7 +197,8 @@ def replay(
             sink.close()
             fail(f"cannot reach Kafka at {kafka}: {sink.last_error}")
     try:
-        result = run(path, url, rate, batch=batch, limit=limit, skip=skip, sink=sink, token=token)
+        result = run(path, url, rate, batch=batch, limit=limit, skip=skip, sink=sink, token=token,
+                     retry_seconds=retry_seconds)
     except ReplayError as exc:
         fail(str(exc))
     except (urllib.error.URLError, OSError) as exc:

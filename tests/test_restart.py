@@ -5,20 +5,24 @@ counted twice, no alarm fired again."""
 from __future__ import annotations
 
 import signal
+import threading
 import uuid
 
 import numpy as np
 import pytest
 
-from collectors.record import decode
+from collectors.record import decode, encode
 from collectors.sinks import FileSink
 from monitor.analysis.analyzer import Analyzer
 from monitor.analysis.baseline import Baseline
 from monitor.probes.probe import ProbeSet
+from monitor.sidecar.service import Sidecar
+from monitor.sidecar.settings import Settings
 from tests.kafka_broker import broker  # noqa: F401 - fixture
 from tests.test_analyzer import FP, make_records
 from tests.test_kafka import caught_up, scalar, sink_for, start_sidecar
-from tests.test_sidecar import make_artifacts, metrics, start, stop, wait_for
+from tests.test_sidecar import ingest_port, make_artifacts, metrics, start, stop, wait_for
+from tests.test_sidecar_security import post
 
 pytestmark = pytest.mark.integration  # real sidecars (subprocesses), a Kafka broker
 
@@ -183,3 +187,62 @@ def test_kafka_restart_restores_windows_without_loss_or_duplicates(broker, artif
     finally:
         assert stop(proc)[0] == 0
         sink.close()
+
+
+def test_an_answered_ingest_body_survives_a_kill(artifacts, tmp_path):
+    # no periodic checkpoint within the test: only the one the answer waits for can keep the records
+    ckpt = {"path": str(tmp_path / "ckpt"), "interval_seconds": 300}
+    proc, port, _ = start(artifacts, tmp_path, checkpoint=ckpt, ingest=True)
+    first = b"".join(encode(r) for r in stream(300, 0))
+    code, answer = post(ingest_port(tmp_path), first, headers={"Idempotency-Key": "body-1"})
+    assert (code, answer) == (200, {"accepted": 300, "corrupt": 0, "invalid": 0, "durable": True})
+    proc.kill()  # right after the answer
+    proc.communicate(timeout=10)
+    proc, port, _ = start(artifacts, tmp_path, checkpoint=ckpt, ingest=True)
+    try:
+        assert received(port) == 300
+        # a client whose answer was lost retries with the same key: answered again, not counted twice
+        code, answer = post(ingest_port(tmp_path), first, headers={"Idempotency-Key": "body-1"})
+        assert code == 200 and answer["duplicate"] is True and answer["accepted"] == 300
+        assert received(port) == 300
+        assert post(ingest_port(tmp_path), first, headers={"Idempotency-Key": "x" * 129})[0] == 400
+        code, answer = post(ingest_port(tmp_path), b"".join(encode(r) for r in stream(200, 300)))
+        assert code == 200 and answer["durable"] is True
+        assert received(port) == 500
+    finally:
+        assert stop(proc)[0] == 0
+
+
+def test_an_idempotency_key_is_analyzed_once_and_a_busy_key_gets_409(artifacts, tmp_path):
+    settings = Settings(baseline=artifacts / "baseline.safetensors", probes=artifacts / "probes",
+                        source={"kind": "none", "poll_seconds": 0.05},
+                        checkpoint={"path": tmp_path / "ckpt", "interval_seconds": 300},
+                        ingest={"idempotency_keys": 2})
+    sc = Sidecar(settings)
+    source = threading.Thread(target=sc.run_source, daemon=True)
+    source.start()
+    try:
+        bodies = [b"".join(encode(r) for r in stream(40, 40 * i)) for i in range(3)]
+        for i, body in enumerate(bodies):
+            assert sc.ingest_body(body, key=f"k{i}") == (200, {"accepted": 40, "corrupt": 0, "invalid": 0,
+                                                               "durable": True})
+        assert sc.ingest_body(bodies[2], key="k2")[1]["duplicate"] is True
+        assert sc.analyzer.stats.records_total == 120
+        assert "duplicate" not in sc.ingest_body(bodies[0], key="k0")[1]  # forgotten: only the last 2 kept
+        assert sc.analyzer.stats.records_total == 160
+        sc._in_progress.add("busy")
+        assert sc.ingest_body(bodies[1], key="busy")[0] == 409
+    finally:
+        sc.request_stop()
+        source.join(10)
+
+
+def test_a_closing_sidecar_refuses_ingest_bodies_before_analyzing_them(artifacts, tmp_path):
+    settings = Settings(baseline=artifacts / "baseline.safetensors", probes=artifacts / "probes",
+                        source={"kind": "none"}, checkpoint={"path": tmp_path / "ckpt", "interval_seconds": 300})
+    sc = Sidecar(settings)
+    body = b"".join(encode(r) for r in stream(50, 0))
+    sc.close_ingest()
+    code, answer = sc.ingest_body(body)
+    assert code == 503 and answer["accepted"] == 0
+    assert sc.analyzer.stats.records_total == 0

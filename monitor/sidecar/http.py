@@ -53,7 +53,7 @@ class Servable(Protocol):
     settings: Any
 
     def ready(self) -> bool: ...
-    def ingest_body(self, data: bytes) -> tuple[int, dict[str, Any]]: ...
+    def ingest_body(self, data: bytes, key: str | None = None) -> tuple[int, dict[str, Any]]: ...
 
 
 def _guarded_protocol(max_connections: int, header_timeout: float) -> type[H11Protocol]:
@@ -154,6 +154,9 @@ def ingest_app(sidecar: Servable, token: bytes) -> Starlette:
             return _refuse(400, "Content-Length is not a number")
         if not 0 < length <= cfg.max_body_bytes:
             return _refuse(413, f"body must be 1 to {cfg.max_body_bytes} bytes, got {length}")
+        key = request.headers.get("idempotency-key")
+        if key is not None and not (0 < len(key) <= 128 and key.isascii() and key.isprintable()):
+            return _refuse(400, "Idempotency-Key must be 1 to 128 printable ASCII characters")
         if in_flight >= cfg.max_concurrent_bodies:
             return _refuse(503, f"{in_flight} bodies in flight (max_concurrent_bodies); retry", **{"Retry-After": "1"})
         in_flight += 1
@@ -174,7 +177,7 @@ def ingest_app(sidecar: Servable, token: bytes) -> Starlette:
                 return _refuse(400, "body is longer than its Content-Length")
             if len(buf) != length:
                 return _refuse(400, f"body ended after {len(buf)} of {length} bytes")
-            status, answer = await run_in_threadpool(sidecar.ingest_body, bytes(memoryview(buf)))
+            status, answer = await run_in_threadpool(sidecar.ingest_body, bytes(memoryview(buf)), key)
             return JSONResponse(answer, status_code=status)
         finally:
             in_flight -= 1

@@ -1,8 +1,14 @@
 """``latentwatch replay``: feed a recorded signature file to a running sidecar (``POST /ingest``) or to a
-Kafka topic (through the tap's :class:`~collectors.kafka_sink.KafkaSink`) at a chosen rate."""
+Kafka topic (through the tap's :class:`~collectors.kafka_sink.KafkaSink`) at a chosen rate.
+
+Each body carries an ``Idempotency-Key`` (the SHA-256 of its bytes) and is retried, with the same key,
+when the sidecar cannot be reached, restarts (503) or is still analyzing it (409): the sidecar answers a
+body it has already analyzed without analyzing it again, so a replay through sidecar restarts counts
+every record exactly once."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 import urllib.error
@@ -19,35 +25,49 @@ class ReplayError(RuntimeError):
 
 
 def replay(path: Path, url: str, rate: float, batch: int = 100, limit: int | None = None,
-           timeout: float = 30.0, skip: int = 0, sink: Any = None, token: str | None = None) -> dict[str, int]:
+           timeout: float = 30.0, skip: int = 0, sink: Any = None, token: str | None = None,
+           retry_seconds: float = 60.0) -> dict[str, int]:
     """POST the file's records to ``url`` (``…/ingest``, the sidecar's ingest listener, with the bearer
     ``token``) in batches, at ``rate`` records/s (0 = as fast as possible), after skipping the first ``skip``;
-    with ``sink`` (a Kafka sink), write them there instead."""
+    with ``sink`` (a Kafka sink), write them there instead. A body that gets no answer, 503 or 409 is
+    retried with backoff for up to ``retry_seconds``."""
     stats = FileReadStats()
-    sent = accepted = corrupt = 0
+    sent = accepted = corrupt = retries = 0
     pending: list[Record] = []
     started = time.monotonic()
 
     def flush() -> None:
-        nonlocal accepted, corrupt
+        nonlocal accepted, corrupt, retries
         if pending and sink is not None:
             for rec in pending:
                 sink.write(rec)
         elif pending:
-            headers = {"Content-Type": "application/octet-stream"}
+            body = b"".join(encode(r) for r in pending)
+            headers = {"Content-Type": "application/octet-stream",
+                       "Idempotency-Key": hashlib.sha256(body).hexdigest()[:32]}
             if token:
                 headers["Authorization"] = f"Bearer {token}"
-            req = urllib.request.Request(url, data=b"".join(encode(r) for r in pending), method="POST",
-                                         headers=headers)
-            try:
-                with urllib.request.urlopen(req, timeout=timeout) as resp:
-                    answer = json.loads(resp.read())
-            except urllib.error.HTTPError as exc:
+            deadline, wait = time.monotonic() + retry_seconds, 0.2
+            while True:
+                req = urllib.request.Request(url, data=body, method="POST", headers=headers)
                 try:
-                    reason = json.loads(exc.read()).get("error", exc.reason)
-                except ValueError:
-                    reason = exc.reason
-                raise ReplayError(f"the sidecar answered {exc.code}: {reason}") from exc
+                    with urllib.request.urlopen(req, timeout=timeout) as resp:
+                        answer = json.loads(resp.read())
+                    break
+                except urllib.error.HTTPError as exc:
+                    try:
+                        reason = json.loads(exc.read()).get("error", exc.reason)
+                    except ValueError:
+                        reason = exc.reason
+                    if exc.code not in (409, 503) or time.monotonic() + wait > deadline:
+                        raise ReplayError(f"the sidecar answered {exc.code}: {reason}") from exc
+                except (urllib.error.URLError, OSError) as exc:
+                    if time.monotonic() + wait > deadline:
+                        reason = getattr(exc, "reason", exc)
+                        raise ReplayError(f"cannot reach {url} for {retry_seconds:g} s: {reason}") from exc
+                retries += 1
+                time.sleep(wait)
+                wait = min(wait * 2, 5.0)
             accepted += answer["accepted"]
             corrupt += answer.get("invalid", 0)
         pending.clear()
@@ -69,4 +89,5 @@ def replay(path: Path, url: str, rate: float, batch: int = 100, limit: int | Non
     if sink is not None:
         sink.flush()
         return {"sent": sent, "acked": sink.acked, "dropped": sink.dropped, "corrupt_in_file": stats.corrupt}
-    return {"sent": sent, "accepted": accepted, "corrupt_in_file": stats.corrupt, "refused_by_sidecar": corrupt}
+    return {"sent": sent, "accepted": accepted, "corrupt_in_file": stats.corrupt, "refused_by_sidecar": corrupt,
+            "retries": retries}

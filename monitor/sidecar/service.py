@@ -23,6 +23,7 @@ import platform
 import signal
 import threading
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +110,17 @@ class Sidecar:
         self.restored = False  # state and position came from a checkpoint
         self._last_checkpoint = time.monotonic()
         self._alarm_pending = False  # an alarm fired since the last checkpoint: write one at once
+        # ``/ingest`` answers a body once a checkpoint covers it (group commit by the source thread)
+        self._ingest_seq = 0  # bodies analyzed
+        self._durable_seq = 0  # bodies covered by the last written checkpoint
+        self._ingesting = 0  # bodies past the closing check and not yet analyzed
+        self._body_gate = threading.Lock()  # held while a body is analyzed and while a checkpoint is taken
+        self._answered: OrderedDict[str, tuple[int, int, int]] = OrderedDict()  # key -> (seq, accepted, invalid)
+        self._in_progress: set[str] = set()
+        self._closing = False  # shutting down: new bodies are refused (503), not analyzed
+        self._durable = threading.Condition()
+        self._wake = threading.Event()  # set by a waiting ingest body: the source thread writes a checkpoint
+        self._checkpoint_failed_at: float | None = None
         position = self._restore() if settings.checkpoint.path else None
         self.tail = FileTail(settings.source.path, settings.source.from_start,
                              position=(position or {}).get("file")) if (
@@ -140,6 +152,7 @@ class Sidecar:
             self.corrupt_total = int(sc["corrupt_total"])
             self.last_record_ts = float(sc["last_record_ts"])
             self._recent_n = int(sc["recent_n"])
+            self._answered = OrderedDict((str(k), (0, int(a), int(i))) for k, a, i in sc.get("ingest_keys", []))
             if self.probes is not None:
                 self.score_buckets = np.array(arrays["sidecar/score_buckets"], dtype=np.int64)
                 self.score_sum = np.array(arrays["sidecar/score_sum"], dtype=np.float64)
@@ -161,8 +174,9 @@ class Sidecar:
         path = self.settings.checkpoint.path
         if path is None:
             return
-        with self.lock:
+        with self._body_gate, self.lock:
             pending, self._alarm_pending = self._alarm_pending, False
+            covered = self._ingest_seq
             ameta, aarrays = self.analyzer.state_dict()
             arrays = {f"analyzer/{k}": np.array(v) for k, v in aarrays.items()}
             arrays["sidecar/score_buckets"] = self.score_buckets.copy()
@@ -170,7 +184,8 @@ class Sidecar:
             arrays["sidecar/recent"] = self._recent.astype(np.uint8)
             meta = {"analyzer": ameta,
                     "sidecar": {"replicas": self.replicas, "corrupt_total": self.corrupt_total,
-                                "last_record_ts": self.last_record_ts, "recent_n": self._recent_n},
+                                "last_record_ts": self.last_record_ts, "recent_n": self._recent_n,
+                                "ingest_keys": [[k, a, i] for k, (_, a, i) in self._answered.items()]},
                     "source": {"file": self.tail.position() if self.tail is not None else None,
                                "kafka": self.kafka.positions() if self.kafka is not None else None}}
             meta = json.loads(json.dumps(meta))  # a copy, taken under the lock
@@ -180,6 +195,12 @@ class Sidecar:
             log.warning("cannot write checkpoint %s: %s", path, exc)
             with self.lock:
                 self._alarm_pending = self._alarm_pending or pending  # an alarm's state still needs a checkpoint
+            self._checkpoint_failed_at = time.monotonic()
+        else:
+            self._checkpoint_failed_at = None
+            with self._durable:
+                self._durable_seq = max(self._durable_seq, covered)
+                self._durable.notify_all()
         self._last_checkpoint = time.monotonic()
 
     # ---------------------------------------------------------------- ingestion
@@ -260,11 +281,33 @@ class Sidecar:
         for replica in [r for r, c in self.replicas.items() if now - c.get("seen_at", now) > ttl]:
             del self.replicas[replica]
 
-    def ingest_body(self, data: bytes) -> tuple[int, dict[str, Any]]:
+    def ingest_body(self, data: bytes, key: str | None = None) -> tuple[int, dict[str, Any]]:
         """``POST /ingest``: records back to back. All or nothing: a body with a malformed record (400) or a
         record of another model (422) is refused whole, with the reason; otherwise every record is analyzed
         (those the analyzer refuses -- wrong sites or dims, non-finite or implausible values -- are counted
-        by reason). Returns (HTTP status, JSON answer)."""
+        by reason). Returns (HTTP status, JSON answer).
+
+        With a checkpoint configured, the answer waits until a checkpoint covers the body (the source thread
+        writes one at once for all waiting bodies), so a 200 survives a ``kill -9``: nothing answered is lost,
+        and nothing is counted twice when a client retries a body that got no answer. ``"durable": false``
+        says no checkpoint could be written within ``ingest.ack_timeout_seconds`` (the records are analyzed,
+        but a crash before the next checkpoint would lose them). While shutting down, bodies are refused
+        with 503 before anything is analyzed.
+
+        ``key`` (the ``Idempotency-Key`` header) names the body: a body whose key was already answered (in
+        this run or, through the checkpoint, an earlier one) is answered again, ``"duplicate": true``,
+        without being analyzed twice, so a client that retries until it gets an answer counts each record
+        exactly once; a key whose body is still being analyzed gets 409. The last
+        ``ingest.idempotency_keys`` keys are remembered."""
+        with self.lock:
+            if self._closing:
+                return 503, {"error": "the sidecar is shutting down; retry", "accepted": 0}
+            if key is not None and key in self._answered:
+                seq, accepted, invalid = self._answered[key]
+                return self._durable_answer(seq, {"accepted": accepted, "corrupt": 0, "invalid": invalid,
+                                                  "duplicate": True})
+            if key is not None and key in self._in_progress:
+                return 409, {"error": "a body with this Idempotency-Key is being analyzed; retry", "accepted": 0}
         records: list[Record] = []
         pos, view = 0, memoryview(data)
         fp = self.baseline.fingerprint
@@ -287,10 +330,44 @@ class Sidecar:
             with self.lock:
                 self.analyzer.stats.invalid_total["fingerprint"] += 1
             return 422, {"error": f"record {foreign} is of another model than the baseline's", "accepted": 0}
+        with self.lock:
+            if self._closing:
+                return 503, {"error": "the sidecar is shutting down; retry", "accepted": 0}
+            if key is not None:
+                if key in self._in_progress or key in self._answered:  # raced with a retry of itself
+                    return 409, {"error": "a body with this Idempotency-Key is being analyzed; retry",
+                                 "accepted": 0}
+                self._in_progress.add(key)
+            self._ingesting += 1
         counts: dict[str, int] = {}
-        self.ingest(records, counts=counts)
-        refused = counts.get("invalid", 0)
-        return 200, {"accepted": len(records) - refused, "corrupt": 0, "invalid": refused}
+        try:
+            with self._body_gate:  # a checkpoint holds all of a body or none of it
+                self.ingest(records, counts=counts)
+                refused = counts.get("invalid", 0)
+                with self.lock:
+                    self._ingest_seq += 1
+                    seq = self._ingest_seq
+                    if key is not None:
+                        self._answered[key] = (seq, len(records) - refused, refused)
+                        while len(self._answered) > self.settings.ingest.idempotency_keys:
+                            self._answered.popitem(last=False)
+        finally:
+            with self.lock:
+                self._ingesting -= 1
+                self._in_progress.discard(key)
+        return self._durable_answer(seq, {"accepted": len(records) - refused, "corrupt": 0, "invalid": refused})
+
+    def _durable_answer(self, seq: int, answer: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        """200 once a checkpoint covers body ``seq`` (at once without a checkpoint path)."""
+        if self.settings.checkpoint.path is not None:
+            self._wake.set()
+            timeout = self.settings.ingest.ack_timeout_seconds
+            with self._durable:
+                durable = self._durable.wait_for(lambda: self._durable_seq >= seq, timeout=timeout)
+            if not durable:
+                log.warning("ingest: no checkpoint within %g s; answering without durability", timeout)
+            answer["durable"] = durable
+        return 200, answer
 
     def poll_once(self) -> int:
         if self.kafka is not None:
@@ -305,9 +382,30 @@ class Sidecar:
         return len(records)
 
     def checkpoint_due(self) -> bool:
-        """An alarm fired since the last checkpoint, or the interval passed."""
-        return self._alarm_pending or (
-            time.monotonic() - self._last_checkpoint >= self.settings.checkpoint.interval_seconds)
+        """An alarm fired or an ingest body waits since the last checkpoint, or the interval passed. Not
+        within a second of a failed write (a full disk must not make the source thread spin)."""
+        now = time.monotonic()
+        if self._checkpoint_failed_at is not None and now - self._checkpoint_failed_at < 1.0:
+            return False
+        return (self._alarm_pending or self._ingest_seq > self._durable_seq
+                or now - self._last_checkpoint >= self.settings.checkpoint.interval_seconds)
+
+    def request_stop(self) -> None:
+        """Stop the source loop (the signal handlers call this)."""
+        self.stop.set()
+        self._wake.set()
+
+    def close_ingest(self, timeout: float = 10.0) -> None:
+        """Refuse new ingest bodies (503) and wait for those being analyzed, so that the final checkpoint
+        covers every body that was answered or still waits for its answer."""
+        with self.lock:
+            self._closing = True
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                if not self._ingesting:
+                    return
+            time.sleep(0.01)
 
     def run_source(self) -> None:
         while not self.stop.is_set():
@@ -316,7 +414,8 @@ class Sidecar:
                 if self.checkpoint_due():
                     self.checkpoint()
                 if n == 0 and self.kafka is None:
-                    self.stop.wait(self.settings.source.poll_seconds)
+                    self._wake.wait(self.settings.source.poll_seconds)  # a waiting ingest body wakes it
+                    self._wake.clear()
             except Exception:
                 log.exception("source poll failed; retrying")
                 self.stop.wait(self.settings.source.poll_seconds)
@@ -351,7 +450,7 @@ def serve(settings: Settings) -> int:
     sidecar = Sidecar(settings)
     server = start_http(sidecar)
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: sidecar.stop.set())
+        signal.signal(sig, lambda *_: sidecar.request_stop())
     source = threading.Thread(target=sidecar.run_source, name="latentwatch-source", daemon=True)
     source.start()
     log.info("serving model %s on %s (baseline %s, %d detectors, probes: %s, pid %d)",
@@ -361,14 +460,13 @@ def serve(settings: Settings) -> int:
     while not sidecar.stop.wait(1.0):
         pass
     log.info("shutting down: draining the source")
-    if server.ingest is not None:
-        server.ingest.stop()  # no new bodies; those in flight finish
+    sidecar.close_ingest()  # new bodies get 503; those being analyzed finish
     source.join(timeout=10)
     try:
         sidecar.close_source()
     except Exception:
         log.exception("closing the source failed")
-    sidecar.checkpoint()
+    sidecar.checkpoint()  # covers every analyzed body: those waiting for their answer get it now
     server.stop()
     log.info("stopped after %.0f s: %s", time.monotonic() - started, json.dumps(sidecar.summary()))
     return 0

@@ -65,6 +65,10 @@ class IngestConfig(BaseModel):
     max_records_per_body: int = Field(4096, ge=1, le=1_000_000, description="records in one body (413 above)")
     max_concurrent_bodies: int = Field(2, ge=1, le=64, description="bodies read and analyzed at once "
                                                                     "(503 above); bounds memory")
+    ack_timeout_seconds: float = Field(10.0, gt=0, le=300, description="with a checkpoint, a body is answered "
+                                       "once a checkpoint covers it; the longest wait for one")
+    idempotency_keys: int = Field(1024, ge=0, le=100_000, description="Idempotency-Key values remembered "
+                                  "(and checkpointed): a retried body is answered, not analyzed twice")
 
     def token(self) -> bytes:
         """The bearer token, from ``token_file`` or ``token_env``; raises ConfigError when absent or short."""
