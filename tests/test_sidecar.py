@@ -154,7 +154,8 @@ def test_metrics_reflect_what_was_fed(artifacts, tmp_path):
             for r in make_records(50, rng):
                 sink.write(r)
         result = replay(path, f"http://127.0.0.1:{ingest_port(tmp_path)}/ingest", rate=0, batch=20, token=TOKEN)
-        assert result == {"sent": 50, "accepted": 50, "corrupt_in_file": 0, "refused_by_sidecar": 0}
+        assert result == {"sent": 50, "accepted": 50, "corrupt_in_file": 0, "refused_by_sidecar": 0,
+                          "retries": 0}
         assert metrics(port)["latentwatch_records_received"].samples[0].value == 653
     finally:
         code, err = stop(proc)
