@@ -567,3 +567,84 @@ def dashboards_push(
         fail(f"pushing to {url} failed: {exc}")
     for answer in answers:
         console.print(f"{answer.get('status', 'ok')}: {answer.get('url', answer.get('uid', ''))}")
+
+
+audit_app = typer.Typer(help="Verify and export the audit trail (docs/audit.md).", no_args_is_help=True)
+app.add_typer(audit_app, name="audit")
+
+
+def _audit_key(key_file: Path | None) -> bytes | None:
+    if key_file is not None:
+        try:
+            return key_file.read_bytes().strip()
+        except OSError as exc:
+            fail(f"cannot read the audit key file {key_file}: {exc.strerror}")
+    value = os.environ.get("LATENTWATCH_AUDIT_KEY")
+    return value.strip().encode() if value else None
+
+
+def _when(value: str | None, option: str) -> float | None:
+    """ISO 8601 (``2026-06-01``, ``2026-06-01T12:00:00+00:00``; UTC when no zone) or Unix seconds."""
+    if value is None:
+        return None
+    import datetime as dt
+
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        when = dt.datetime.fromisoformat(value)
+    except ValueError:
+        fail(f"{option} {value!r}: not an ISO 8601 date/time or Unix seconds")
+    return (when if when.tzinfo else when.replace(tzinfo=dt.timezone.utc)).timestamp()
+
+
+@audit_app.command("verify")
+def audit_verify(
+    folder: Path = typer.Argument(..., help="the audit folder (audit.dir)"),
+    key_file: Path = typer.Option(None, help="the audit key (default: $LATENTWATCH_AUDIT_KEY); "
+                                             "without it the checkpoints' MACs are not checked"),
+    expect_seq: int = typer.Option(None, help="a checkpoint seq known from outside (Prometheus' "
+                                              "latentwatch_audit_checkpoint_seq): a cut tail is detected"),
+    as_json: bool = typer.Option(False, "--json", help="the result as one JSON object"),
+) -> None:
+    """Check the chain, the checkpoints and HEAD; name the first bad entry and exit 1 on any problem."""
+    from monitor.audit.verify import verify
+
+    if not folder.is_dir():
+        fail(f"{folder}: no such audit folder")
+    res = verify(folder, key=_audit_key(key_file), expect_seq=expect_seq)
+    if as_json:
+        console.print_json(json.dumps(res.to_dict()))
+    else:
+        for w in res.warnings:
+            err_console.print(f"warning: {w}")
+        if res.ok:
+            console.print(f"ok: entries {res.first_seq}..{res.last_seq} in {res.segments} segments, "
+                          f"{res.checkpoints} checkpoints (newest {res.last_checkpoint_seq})")
+    if not res.ok:
+        fail(f"audit trail does not verify: {res.problems[0]}", code=1)
+
+
+@audit_app.command("export")
+def audit_export(
+    folder: Path = typer.Argument(..., help="the audit folder (audit.dir)"),
+    out: Path = typer.Option(..., help="file to write"),
+    since: str = typer.Option(None, help="first time included (ISO 8601 or Unix seconds)"),
+    until: str = typer.Option(None, help="first time excluded"),
+    fmt: str = typer.Option("jsonl", "--format", help="jsonl, or parquet (needs pyarrow)"),
+    key_file: Path = typer.Option(None, help="the audit key (default: $LATENTWATCH_AUDIT_KEY)"),
+) -> None:
+    """Verify the trail, then write its entries in a time range for an auditor (nothing if it does not verify)."""
+    from monitor.audit.trail import AuditError
+    from monitor.audit.verify import export
+
+    if not folder.is_dir():
+        fail(f"{folder}: no such audit folder")
+    try:
+        result = export(folder, out, _when(since, "--since"), _when(until, "--until"), key=_audit_key(key_file),
+                        fmt=fmt)
+    except AuditError as exc:
+        fail(str(exc), code=1)
+    console.print_json(json.dumps({k: v for k, v in result.items() if k != "verified"}))

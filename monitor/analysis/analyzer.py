@@ -83,6 +83,8 @@ class Analyzer:
         self.concept_hits = np.zeros(len(probes.concepts)) if probes else np.zeros(0)
         self.scored_total = 0
         self.last_scores: np.ndarray | None = None
+        self.last_outcomes: list[str | None] = []  # per record of the last update(): None or why refused
+        self.last_row_reasons: list[str | None] = []
         # probe validity (issue 13): the last `validity_window` scores per concept, for the window-median logit
         self._validity_refs = [p.validity for p in probes.probes] if probes else []
         self.validity_window = max((r.window for r in self._validity_refs if r is not None), default=0)
@@ -91,36 +93,49 @@ class Analyzer:
 
     # ------------------------------------------------------------------ ingestion
     def update(self, records: Sequence[Record]) -> list[AlarmEvent]:
-        """Analyze a batch of records; returns the alarms that fired in it."""
+        """Analyze a batch of records; returns the alarms that fired in it. ``last_outcomes`` then holds, per
+        record of the batch, None (analyzed; its scores are the rows of ``last_scores``, in order) or the
+        reason it was refused."""
         self.stats.records_total += len(records)
         fp = self.baseline.fingerprint
-        valid = [r for r in records if r.fingerprint == fp]
-        if len(valid) < len(records):
-            self.stats.invalid_total["fingerprint"] += len(records) - len(valid)
-        if not valid:
+        outcomes: list[str | None] = [None if r.fingerprint == fp else "fingerprint" for r in records]
+        self.last_outcomes = outcomes
+        self.last_scores = None
+        idx = [i for i, o in enumerate(outcomes) if o is None]
+        if len(idx) < len(records):
+            self.stats.invalid_total["fingerprint"] += len(records) - len(idx)
+        if not idx:
             return []
         try:  # fast path: the whole batch has the expected sites and dims
-            sig = signals.extract(valid, self.baseline.shapes, self.probes)
+            sig = signals.extract([records[i] for i in idx], self.baseline.shapes, self.probes)
         except (KeyError, ValueError, AttributeError):
             good = []
-            for rec in valid:
-                reason = signals.invalid_reason(rec, fp, self.baseline.shapes, self.probes)
+            for i in idx:
+                reason = signals.invalid_reason(records[i], fp, self.baseline.shapes, self.probes)
                 if reason is None:
-                    good.append(rec)
+                    good.append(i)
                 else:
+                    outcomes[i] = reason
                     self.stats.invalid_total[reason] += 1
-            valid = good
-            if not valid:
+            idx = good
+            if not idx:
                 return []
-            sig = signals.extract(valid, self.baseline.shapes, self.probes)
-        return self.update_signals(sig)
+            sig = signals.extract([records[i] for i in idx], self.baseline.shapes, self.probes)
+        fired = self.update_signals(sig)
+        for i, reason in zip(idx, self.last_row_reasons, strict=True):
+            outcomes[i] = reason
+        return fired
 
     def update_signals(self, sig: dict[str, np.ndarray]) -> list[AlarmEvent]:
         """Analyze signal families (``signals.extract`` of valid records, or plain arrays); returns new alarms.
 
-        Rows with NaN, infinity or implausible values are counted by reason and skipped.
+        Rows with NaN, infinity or implausible values are counted by reason and skipped
+        (``last_row_reasons``: per input row, None or the reason).
         """
         finite = signals.finite_rows(sig)
+        reasons: list[str | None] = [None if f else "nonfinite" for f in finite]
+        self.last_row_reasons = reasons
+        self.last_scores = None
         if not finite.all():
             self.stats.invalid_total["nonfinite"] += int((~finite).sum())
             sig = signals.select(sig, finite)
@@ -129,6 +144,9 @@ class Analyzer:
         plausible = plausibility.plausible_rows(sig, self.baseline.info.get(plausibility.INFO_KEY, {}))
         if not plausible.all():  # finite but far beyond the baseline: one such row must not blind a detector
             self.stats.invalid_total["implausible"] += int((~plausible).sum())
+            for row, ok in zip(np.flatnonzero(finite), plausible, strict=True):
+                if not ok:
+                    reasons[row] = "implausible"
             sig = signals.select(sig, plausible)
             if not plausible.any():
                 return []

@@ -1,0 +1,222 @@
+"""A tamper-evident audit trail: append-only JSON-lines segments, each entry chained to the one before.
+
+Every entry is one JSON object on one line with ``seq`` (0, 1, 2, ... without gaps), ``ts``, ``kind``, its
+fields, ``prev`` (the previous entry's ``hash``; 64 zeros for the first entry ever) and ``hash``, the
+SHA-256 of the entry's canonical JSON without ``hash`` (sorted keys, no spaces). Changing, inserting,
+removing or reordering an entry breaks the chain from there on.
+
+Kinds: ``start`` (a writer opened: model, fingerprint, baseline and probe hashes, version), ``segment``
+(first entry of every segment file), ``record`` (one sampled request), ``alarm`` (a detector fired),
+``checkpoint`` (``head_seq`` and ``head``, the hash of the entry before it, authenticated with the
+operator's key: ``mac`` = HMAC-SHA256 over ``latentwatch-audit-checkpoint\\n{head_seq}\\n{head}``),
+``recovered`` (a writer found a torn last entry left by a crash and continued in a new segment) and
+``pruned`` (retention removed the oldest segments; names the last removed entry's seq and hash, so what
+remains still verifies).
+
+Segments are ``segment-{first seq:012d}.jsonl`` in one folder; a new one starts above ``segment_bytes``
+or after ``segment_seconds``. ``HEAD`` holds the newest checkpoint (written atomically): a tail cut below
+it is detected. A tail cut together with ``HEAD`` is detected only against a witness outside the folder:
+the sidecar exports ``latentwatch_audit_checkpoint_seq``, which Prometheus keeps (``audit verify
+--expect-seq``).
+
+Durability (the fsync policy): entries are written to the file as they are made (a crash of the process
+loses none), and the file is fsynced at every checkpoint (every ``checkpoint_seconds``), at rotation and
+at close: a crash of the machine loses at most the entries after the last checkpoint. A torn last entry
+is never accepted: the next writer leaves it in place, starts a new segment and records a ``recovered``
+entry naming it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+GENESIS = "0" * 64
+MAC_CONTEXT = "latentwatch-audit-checkpoint"
+SEGMENT_GLOB = "segment-*.jsonl"
+
+
+class AuditError(RuntimeError):
+    """The audit folder cannot be written or read (one line, for users)."""
+
+
+def canonical(entry: dict[str, Any]) -> bytes:
+    return json.dumps(entry, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+
+def entry_hash(entry: dict[str, Any]) -> str:
+    """The hash an entry must carry: SHA-256 of its canonical JSON without ``hash``."""
+    return hashlib.sha256(canonical({k: v for k, v in entry.items() if k != "hash"})).hexdigest()
+
+
+def checkpoint_mac(key: bytes, head_seq: int, head: str) -> str:
+    return hmac.new(key, f"{MAC_CONTEXT}\n{head_seq}\n{head}".encode(), hashlib.sha256).hexdigest()
+
+
+def segment_name(first_seq: int) -> str:
+    return f"segment-{first_seq:012d}.jsonl"
+
+
+def segments(folder: Path) -> list[Path]:
+    return sorted(Path(folder).glob(SEGMENT_GLOB))
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def last_complete(path: Path) -> tuple[dict[str, Any] | None, int, int]:
+    """(last complete entry, byte offset where a torn tail begins or -1, its length) of a segment."""
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1  # everything before is whole lines
+    torn = (end, len(data) - end) if end < len(data) else (-1, 0)
+    last = None
+    start = data.rfind(b"\n", 0, max(end - 1, 0)) + 1 if end else 0
+    if end:
+        try:
+            last = json.loads(data[start:end])
+        except ValueError:
+            last = None
+    return last, torn[0], torn[1]
+
+
+class AuditTrail:
+    """Append entries to the chain in ``folder`` (see the module docstring).
+
+    >>> import tempfile
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> trail = AuditTrail(folder, key=b"k" * 32, start={"model": "m"})
+    >>> trail.append("record", key="ab12", scores={"insult": 0.1})["seq"]
+    3
+    >>> trail.close()
+    >>> from monitor.audit.verify import verify
+    >>> verify(folder, key=b"k" * 32).ok
+    True
+    """
+
+    def __init__(self, folder: Path, key: bytes, start: dict[str, Any] | None = None, *,
+                 segment_bytes: int = 64 << 20, segment_seconds: float = 86400.0,
+                 retention_seconds: float = 183 * 86400.0, checkpoint_seconds: float = 1.0) -> None:
+        if len(key) < 16:
+            raise AuditError("the audit key must be at least 16 bytes")
+        self.folder = Path(folder)
+        self.key = key
+        self.segment_bytes = segment_bytes
+        self.segment_seconds = segment_seconds
+        self.retention_seconds = retention_seconds
+        self.checkpoint_seconds = checkpoint_seconds
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise AuditError(f"cannot create the audit folder {self.folder}: {exc.strerror}") from exc
+        self.seq, self.head = 0, GENESIS
+        self.checkpoint_seq = -1  # seq of the newest checkpoint entry
+        self.entries_total = 0
+        self._f: Any = None
+        self._opened_at = 0.0
+        self._last_checkpoint = time.monotonic()
+        torn: tuple[str, int, int] | None = None
+        existing = segments(self.folder)
+        if existing:
+            last, offset, length = last_complete(existing[-1])
+            if last is None or "hash" not in last:
+                raise AuditError(f"{existing[-1]}: the last entry is unreadable; run latentwatch audit verify")
+            self.seq, self.head = int(last["seq"]) + 1, str(last["hash"])
+            if offset >= 0:
+                torn = (existing[-1].name, offset, length)
+        self._open_segment()
+        if torn is not None:
+            self.append("recovered", torn_segment=torn[0], torn_offset=torn[1], torn_bytes=torn[2])
+        self.append("start", **(start or {}))
+        self.checkpoint()
+
+    # ----------------------------------------------------------------- writing
+    def _open_segment(self) -> None:
+        previous = segments(self.folder)
+        path = self.folder / segment_name(self.seq)
+        try:
+            self._f = open(path, "ab", buffering=0)  # noqa: SIM115 - kept open across appends
+        except OSError as exc:
+            raise AuditError(f"cannot open {path}: {exc.strerror}") from exc
+        self._opened_at = time.monotonic()
+        _fsync_dir(self.folder)
+        self.append("segment", previous_segment=previous[-1].name if previous else None)
+
+    def append(self, kind: str, ts: float | None = None, **fields: Any) -> dict[str, Any]:
+        """Add one entry; returns it (with ``seq`` and ``hash``)."""
+        entry = {"seq": self.seq, "ts": round(time.time() if ts is None else ts, 6), "kind": kind, **fields,
+                 "prev": self.head}
+        entry["hash"] = entry_hash(entry)
+        self._f.write(canonical(entry) + b"\n")
+        self.seq += 1
+        self.head = entry["hash"]
+        self.entries_total += 1
+        return entry
+
+    def checkpoint(self) -> dict[str, Any]:
+        """An authenticated checkpoint of the head; fsynced, and written to ``HEAD``."""
+        head_seq = self.seq - 1
+        entry = self.append("checkpoint", head_seq=head_seq, head=self.head,
+                            mac=checkpoint_mac(self.key, head_seq, self.head))
+        os.fsync(self._f.fileno())
+        tmp = self.folder / ".HEAD.tmp"
+        tmp.write_text(json.dumps({"seq": entry["seq"], "hash": entry["hash"], "head_seq": head_seq,
+                                   "head": entry["head"], "mac": entry["mac"]}) + "\n")
+        os.replace(tmp, self.folder / "HEAD")
+        self.checkpoint_seq = entry["seq"]
+        self._last_checkpoint = time.monotonic()
+        return entry
+
+    def maybe_checkpoint(self) -> None:
+        """Checkpoint when ``checkpoint_seconds`` passed; rotate (and prune) when the segment is full or old."""
+        now = time.monotonic()
+        if self._f.tell() >= self.segment_bytes or now - self._opened_at >= self.segment_seconds:
+            self.rotate()
+        elif now - self._last_checkpoint >= self.checkpoint_seconds:
+            self.checkpoint()
+
+    def rotate(self) -> None:
+        self.checkpoint()
+        self._f.close()
+        self._open_segment()
+        self.prune()
+        self.checkpoint()
+
+    def prune(self, now: float | None = None) -> list[str]:
+        """Remove whole segments older than the retention (never the current one), after recording it."""
+        now = time.time() if now is None else now
+        old: list[Path] = []
+        names = segments(self.folder)
+        for path in names[:-1]:
+            last, _, _ = last_complete(path)
+            if last is None or now - float(last["ts"]) <= self.retention_seconds:
+                break
+            old.append(path)
+        if not old:
+            return []
+        last, _, _ = last_complete(old[-1])
+        assert last is not None
+        self.append("pruned", through_seq=int(last["seq"]), through_hash=str(last["hash"]),
+                    segments=[p.name for p in old], retention_seconds=self.retention_seconds)
+        self.checkpoint()  # the record of the removal is authenticated before anything is removed
+        for path in old:
+            path.unlink()
+        _fsync_dir(self.folder)
+        return [p.name for p in old]
+
+    def close(self) -> None:
+        if self._f is not None and not self._f.closed:
+            self.checkpoint()
+            self._f.close()
+
+
+__all__ = ["GENESIS", "AuditError", "AuditTrail", "canonical", "checkpoint_mac", "entry_hash", "segments"]
