@@ -172,3 +172,41 @@ def test_cli_verify_and_export(tmp_path):
     refused = run_cli("audit", "export", str(folder), "--out", str(tmp_path / "none.jsonl"))
     assert refused.returncode == 1 and "does not verify" in refused.stderr
     assert not (tmp_path / "none.jsonl").exists()
+
+
+def test_the_sidecar_audits_every_record_and_alarm_without_text(tmp_path):
+    from monitor.sidecar.service import Sidecar
+    from monitor.sidecar.settings import Settings
+    from tests.test_restart import stream
+    from tests.test_sidecar import make_artifacts
+
+    (tmp_path / "art").mkdir()
+    art = make_artifacts(tmp_path / "art")
+    (tmp_path / "key").write_bytes(KEY)
+    audit = {"enabled": True, "dir": tmp_path / "audit", "key_file": tmp_path / "key"}
+    sc = Sidecar(Settings(baseline=art / "baseline.safetensors", probes=art / "probes", source={"kind": "none"},
+                          audit=audit))
+    recs = stream(300, 0) + stream(300, 300, concept_shift=2.0)
+    for r in recs:
+        r.text = "a request the user typed"
+    recs[5].fingerprint = "another-model"
+    fired = sc.ingest(recs)
+    sc.close_audit()
+    assert fired  # the surge fires an alarm
+    res = verify(tmp_path / "audit", key=KEY)
+    assert res.ok, res.problems
+    got = list(entries(tmp_path / "audit"))
+    records = [e for e in got if e["kind"] == "record"]
+    alarms = [e for e in got if e["kind"] == "alarm"]
+    assert [e["key"] for e in records] == [r.key for r in recs]
+    assert records[5]["invalid"] == "fingerprint" and "scores" not in records[5]
+    assert set(records[0]["scores"]) == set(sc.probes.concepts)
+    assert not any("text" in e for e in got)  # no raw text unless include_text
+    assert {a["detector"] for a in alarms} == {e.detector for e in fired}
+    by_seq = {e["seq"]: e for e in records}
+    for a in alarms:  # the window an alarm rests on: the records it covers, named by seq
+        first, last = by_seq[a["records_from_seq"]], by_seq[a["records_to_seq"]]
+        assert last["ordinal"] == a["at_ordinal"] and last["ordinal"] - first["ordinal"] + 1 == a["window"]
+    assert set(records[-1]["alarms"]) == {st.slot.name for st in sc.analyzer.states if st.alarm}
+    start = next(e for e in got if e["kind"] == "start")
+    assert start["baseline_sha256"] == sc.baseline_sha256 and start["probes_sha256"]

@@ -91,6 +91,11 @@ class Analyzer:
         self._score_buf = np.full((self.validity_window, len(self._validity_refs)), np.nan, dtype=np.float32)
         self._score_pos = 0
 
+    @property
+    def valid_seen(self) -> int:
+        """Valid records analyzed so far; an alarm's ``at_record`` is the ordinal of the record it fired on."""
+        return self._seen_valid
+
     # ------------------------------------------------------------------ ingestion
     def update(self, records: Sequence[Record]) -> list[AlarmEvent]:
         """Analyze a batch of records; returns the alarms that fired in it. ``last_outcomes`` then holds, per

@@ -65,6 +65,16 @@ class SidecarCollector(Collector):
                                        labels=["model_name"])
         received.add_metric([m], a.stats.records_total)
         yield received
+        audit = getattr(sc, "audit", None)
+        if audit is not None:  # the witness outside the audit folder: a cut tail shows against it
+            ckpt = GaugeMetricFamily("latentwatch_audit_checkpoint_seq", "Seq of the newest authenticated audit "
+                                     "checkpoint (latentwatch audit verify --expect-seq)", labels=["model_name"])
+            ckpt.add_metric([m], audit.checkpoint_seq)
+            yield ckpt
+            entries = CounterMetricFamily("latentwatch_audit_entries", "Entries this sidecar wrote to the audit "
+                                          "trail", labels=["model_name"])
+            entries.add_metric([m], audit.entries_total)
+            yield entries
         invalid = CounterMetricFamily("latentwatch_records_invalid", "Records refused, by reason",
                                       labels=["model_name", "reason"])
         for reason in ("fingerprint", "shape", "nonfinite", "implausible", "corrupt"):

@@ -16,6 +16,7 @@ a final summary is logged, and the process exits 0.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -36,13 +37,14 @@ from monitor import version
 from monitor.analysis.analyzer import AlarmEvent, Analyzer
 from monitor.analysis.baseline import VERSION as BASELINE_VERSION
 from monitor.analysis.baseline import Baseline
+from monitor.audit.trail import AuditError, AuditTrail
 from monitor.probes.probe import ProbeSet
 from monitor.sidecar import checkpoint
 from monitor.sidecar.exporter import SCORE_BUCKETS, SidecarCollector
 from monitor.sidecar.file_source import FileTail
 from monitor.sidecar.http import HttpServers, describe
 from monitor.sidecar.kafka_source import KafkaSource
-from monitor.sidecar.settings import Settings
+from monitor.sidecar.settings import ConfigError, Settings
 
 log = logging.getLogger("latentwatch.sidecar")
 
@@ -128,6 +130,10 @@ class Sidecar:
         self.kafka = (KafkaSource(settings.source.kafka, self.baseline.fingerprint,
                                   resume=(position or {}).get("kafka"))
                       if settings.source.kind == "kafka" and settings.source.kafka else None)
+        self.audit = self._open_audit() if settings.audit.enabled else None
+        window = self.baseline.config.window
+        self._audit_seq_of = np.full(window, -1, dtype=np.int64)  # valid-record ordinal % window -> audit seq
+        self._audit_first_ordinal = self.analyzer.valid_seen + 1  # the first one this writer audits
         self.registry = CollectorRegistry()
         self.registry.register(SidecarCollector(self))
         # the process itself (CPU, memory, open files, start time) and what is running
@@ -203,6 +209,78 @@ class Sidecar:
                 self._durable.notify_all()
         self._last_checkpoint = time.monotonic()
 
+    # ---------------------------------------------------------------- audit trail
+    def _open_audit(self) -> AuditTrail:
+        cfg = self.settings.audit
+        probes = (hashlib.sha256("".join(p.to_dict()["sha256"] for p in self.probes.probes).encode()).hexdigest()
+                  if self.probes else None)
+        self._probes_sha256 = probes
+        try:
+            return AuditTrail(cfg.dir, cfg.key(), start={
+                "model": self.baseline.model, "fingerprint": self.baseline.fingerprint,
+                "baseline_sha256": self.baseline_sha256, "probes_sha256": probes, "version": version(),
+                "concepts": self.probes.concepts if self.probes else [],
+                "thresholds": [float(t) for t in self.probes.thresholds] if self.probes else [],
+                "restored_from_checkpoint": self.restored, "include_text": cfg.include_text},
+                segment_bytes=cfg.segment_bytes, segment_seconds=cfg.segment_seconds,
+                retention_seconds=cfg.retention_days * 86400.0, checkpoint_seconds=cfg.checkpoint_seconds)
+        except (AuditError, OSError) as exc:
+            raise ConfigError(f"audit.dir {cfg.dir}: {exc}") from exc
+
+    def _audit_batch(self, batch: list[Record], first_ordinal: int, events: list[AlarmEvent]) -> None:
+        """One ``record`` entry per record of the batch, then one ``alarm`` entry per alarm it fired (under
+        the lock, right after the batch was analyzed)."""
+        a, trail = self.analyzer, self.audit
+        assert trail is not None
+        scores = a.last_scores
+        concepts = self.probes.concepts if self.probes else []
+        thresholds = self.probes.thresholds if self.probes else None
+        active = [st.slot.name for st in a.states if st.alarm]
+        baseline, probes = self.baseline_sha256[:16], (self._probes_sha256 or "")[:16] or None
+        w = len(self._audit_seq_of)
+        pending = sorted(events, key=lambda ev: ev.at_record)
+        ordinal, row = first_ordinal, 0
+        for rec, outcome in zip(batch, a.last_outcomes, strict=True):
+            entry: dict[str, Any] = {"key": rec.key, "request_ts": rec.ts, "replica": rec.meta.get("replica"),
+                                     "fingerprint": rec.fingerprint, "baseline": baseline, "probes": probes}
+            if outcome is not None:
+                entry["invalid"] = outcome
+            else:
+                if scores is not None and thresholds is not None:
+                    entry["scores"] = {c: round(float(v), 4) for c, v in zip(concepts, scores[row], strict=True)}
+                    entry["above"] = [c for c, v, t in zip(concepts, scores[row], thresholds, strict=True) if v >= t]
+                row += 1
+                entry["ordinal"] = ordinal
+            entry["alarms"] = active
+            if self.settings.audit.include_text and rec.text is not None:
+                entry["text"] = rec.text
+            written = trail.append("record", **entry)
+            if outcome is None:
+                self._audit_seq_of[ordinal % w] = written["seq"]
+                while pending and pending[0].at_record == ordinal:  # right after the record it fired on
+                    self._audit_alarm(pending.pop(0))
+                ordinal += 1
+        for ev in pending:  # not expected: an alarm on a record not in this batch
+            self._audit_alarm(ev)
+        trail.maybe_checkpoint()
+
+    def _audit_alarm(self, ev: AlarmEvent) -> None:
+        assert self.audit is not None
+        w = len(self._audit_seq_of)
+        first = ev.at_record - w + 1
+        known = first >= self._audit_first_ordinal
+        self.audit.append("alarm", detector=ev.detector, statistic=ev.statistic, threshold=ev.threshold,
+                          at_ordinal=ev.at_record, window=w,
+                          attribution=[[name, round(float(v), 6)] for name, v in ev.attribution],
+                          records_from_seq=int(self._audit_seq_of[first % w]) if known else None,
+                          records_to_seq=int(self._audit_seq_of[ev.at_record % w]),
+                          note=None if known else "the window began before this writer started (a restart)")
+
+    def close_audit(self) -> None:
+        if self.audit is not None:
+            with self.lock:
+                self.audit.close()
+
     # ---------------------------------------------------------------- ingestion
     def ingest(self, records: list[Record], corrupt: int = 0, counts: dict[str, int] | None = None
                ) -> list[AlarmEvent]:
@@ -216,8 +294,11 @@ class Sidecar:
             with self.lock:  # per batch: a scrape waits for one batch at most
                 before = self.analyzer.scored_total
                 invalid_before = sum(self.analyzer.stats.invalid_total.values())
+                first_ordinal = self.analyzer.valid_seen + 1
                 events = self.analyzer.update(batch)
                 fired += events
+                if self.audit is not None:
+                    self._audit_batch(batch, first_ordinal, events)
                 if events:  # an alarm's state is checkpointed at once, so a crash does not fire it twice
                     self._alarm_pending = True
                 if counts is not None:
@@ -467,6 +548,7 @@ def serve(settings: Settings) -> int:
     except Exception:
         log.exception("closing the source failed")
     sidecar.checkpoint()  # covers every analyzed body: those waiting for their answer get it now
+    sidecar.close_audit()
     server.stop()
     log.info("stopped after %.0f s: %s", time.monotonic() - started, json.dumps(sidecar.summary()))
     return 0

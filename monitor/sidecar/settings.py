@@ -111,6 +111,45 @@ class CheckpointConfig(BaseModel):
     interval_seconds: float = Field(10.0, gt=0, le=3600, description="how often it is written (and at SIGTERM)")
 
 
+class AuditConfig(BaseModel):
+    """The audit trail (monitor/audit/, docs/audit.md): off unless enabled; needs an operator's key."""
+
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = Field(False, description="write a tamper-evident trail of every record and alarm")
+    dir: Path | None = Field(None, description="folder for the segments, on a persistent volume")
+    key_file: Path | None = Field(None, description="file holding the HMAC key for checkpoints (a Secret)")
+    key_env: str | None = Field(None, description="name of an environment variable holding the key")
+    segment_bytes: int = Field(64 << 20, ge=4096, le=1 << 34, description="a new segment above this size")
+    segment_seconds: float = Field(86400.0, gt=0, description="a new segment after this long")
+    retention_days: float = Field(183.0, gt=0, description="whole segments older than this are removed "
+                                  "(recorded in the trail); default about 6 months")
+    checkpoint_seconds: float = Field(1.0, gt=0, le=3600, description="authenticated checkpoint and fsync "
+                                      "interval: a machine crash loses at most this much of the trail")
+    include_text: bool = Field(False, description="keep the request text when the tap sent it (off: no raw "
+                                                  "text in the trail)")
+
+    def key(self) -> bytes:
+        """The HMAC key, from ``key_file`` or ``key_env``; raises ConfigError when absent or short."""
+        import os
+
+        if self.key_file is not None:
+            try:
+                value = self.key_file.read_bytes().strip()
+            except OSError as exc:
+                raise ConfigError(f"audit.key_file: cannot read {self.key_file}: {exc.strerror}") from exc
+            where = f"audit.key_file {self.key_file}"
+        elif self.key_env:
+            value = os.environ.get(self.key_env, "").strip().encode()
+            where = f"audit.key_env ${self.key_env}"
+        else:
+            raise ConfigError("audit.enabled needs audit.key_file or audit.key_env (an HMAC key)")
+        if len(value) < 16:
+            raise ConfigError(f"{where}: the audit key must be at least 16 bytes")
+        if self.dir is None:
+            raise ConfigError("audit.enabled needs audit.dir (a folder on a persistent volume)")
+        return value
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LATENTWATCH_", env_nested_delimiter="__", extra="forbid")
 
@@ -130,6 +169,7 @@ class Settings(BaseSettings):
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings],
@@ -166,4 +206,9 @@ def load_settings(path: str | Path | None) -> Settings:
             raise ConfigError(f"{path or 'environment'}: {exc}") from exc
         if settings.ingest.port == settings.port and settings.port != 0:
             raise ConfigError(f"{path or 'environment'}: ingest.port must differ from port (the scrape port)")
+    if settings.audit.enabled:
+        try:
+            settings.audit.key()
+        except ConfigError as exc:
+            raise ConfigError(f"{path or 'environment'}: {exc}") from exc
     return settings
