@@ -232,9 +232,13 @@ class Sidecar:
         the lock, right after the batch was analyzed)."""
         a, trail = self.analyzer, self.audit
         assert trail is not None
-        scores = a.last_scores
         concepts = self.probes.concepts if self.probes else []
-        thresholds = self.probes.thresholds if self.probes else None
+        scores = above = None
+        if a.last_scores is not None and self.probes is not None:  # once per batch, not per record
+            above = [[c for c, hit in zip(concepts, row, strict=True) if hit]
+                     for row in self.probes.above(a.last_scores).tolist()]
+            rounded = a.last_scores.astype(np.float64).round(4).tolist()
+            scores = [dict(zip(concepts, row, strict=True)) for row in rounded]
         active = [st.slot.name for st in a.states if st.alarm]
         baseline, probes = self.baseline_sha256[:16], (self._probes_sha256 or "")[:16] or None
         w = len(self._audit_seq_of)
@@ -246,9 +250,8 @@ class Sidecar:
             if outcome is not None:
                 entry["invalid"] = outcome
             else:
-                if scores is not None and thresholds is not None:
-                    entry["scores"] = {c: round(float(v), 4) for c, v in zip(concepts, scores[row], strict=True)}
-                    entry["above"] = [c for c, v, t in zip(concepts, scores[row], thresholds, strict=True) if v >= t]
+                if scores is not None and above is not None:
+                    entry["scores"], entry["above"] = scores[row], above[row]
                 row += 1
                 entry["ordinal"] = ordinal
             entry["alarms"] = active
