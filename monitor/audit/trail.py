@@ -22,9 +22,9 @@ the sidecar exports ``latentwatch_audit_checkpoint_seq``, which Prometheus keeps
 Durability (the fsync policy): entries are handed to the OS after every analyzed batch (a crash of the
 process loses at most the batch being written, whose records the file and Kafka sources read again after
 the restart, so they are audited again), and the file is fsynced at every checkpoint (every
-``checkpoint_seconds``), at rotation and at close: a crash of the machine loses at most the entries after the last checkpoint. A torn last entry
-is never accepted: the next writer leaves it in place, starts a new segment and records a ``recovered``
-entry naming it.
+``checkpoint_seconds``), at rotation and at close: a crash of the machine loses at most the entries after
+the last checkpoint. A torn last entry is never accepted: the next writer leaves it in place, starts a new
+segment and records a ``recovered`` entry naming it.
 """
 
 from __future__ import annotations
