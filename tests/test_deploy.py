@@ -91,6 +91,7 @@ def test_sidecar_configurations_load(tmp_path, monkeypatch):
             monkeypatch.setenv("LATENTWATCH_SOURCE__KAFKA__SASL_PLAIN_PASSWORD", "s3cret")
         else:
             monkeypatch.delenv("LATENTWATCH_SOURCE__KAFKA__SASL_PLAIN_PASSWORD", raising=False)
+        monkeypatch.setenv("LATENTWATCH_AUDIT_KEY", "an-audit-key-from-a-secret")  # the k8s example audits
         settings = load_settings(tmp_path / f"{i}.yaml")
         kinds.append(settings.source.kind)
         if settings.source.kind == "kafka":  # the secret comes from the environment, the rest from the file
