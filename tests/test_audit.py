@@ -64,20 +64,20 @@ def test_each_kind_of_tampering_is_named(tmp_path, tamper, expected):
     elif tamper == "truncate":
         ls = ls[:12]  # whole lines cut: only HEAD tells
     elif tamper == "rehash":  # a rewritten chain: every hash recomputed, but the MACs cannot be
-        from monitor.audit.trail import canonical, entry_hash
+        from monitor.audit.trail import seal
         prev = None
         out = []
         for raw in ls:
             e = json.loads(raw)
+            del e["hash"]
             if e["seq"] == 10:
                 e["scores"] = {"insult": 0.0}
             if prev is not None:
                 e["prev"] = prev
                 if e["kind"] == "checkpoint":
                     e["head"] = prev
-            e["hash"] = entry_hash(e)
-            prev = e["hash"]
-            out.append(canonical(e) + b"\n")
+            line, prev = seal(e)
+            out.append(line)
         ls = out
         (folder / "HEAD").unlink()
     seg.write_bytes(b"".join(ls))

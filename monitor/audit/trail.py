@@ -1,8 +1,9 @@
 """A tamper-evident audit trail: append-only JSON-lines segments, each entry chained to the one before.
 
 Every entry is one JSON object on one line with ``seq`` (0, 1, 2, ... without gaps), ``ts``, ``kind``, its
-fields, ``prev`` (the previous entry's ``hash``; 64 zeros for the first entry ever) and ``hash``, the
-SHA-256 of the entry's canonical JSON without ``hash`` (sorted keys, no spaces). Changing, inserting,
+fields, ``prev`` (the previous entry's ``hash``; 64 zeros for the first entry ever) and, last, ``hash``:
+the SHA-256 of the line's exact bytes up to it, closed with ``}`` (the line without its final
+``,"hash":"…"}`` plus ``}``), so anyone can check it without re-serializing JSON. Changing, inserting,
 removing or reordering an entry breaks the chain from there on.
 
 Kinds: ``start`` (a writer opened: model, fingerprint, baseline and probe hashes, version), ``segment``
@@ -37,6 +38,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 GENESIS = "0" * 64
 MAC_CONTEXT = "latentwatch-audit-checkpoint"
 SEGMENT_GLOB = "segment-*.jsonl"
@@ -46,13 +49,21 @@ class AuditError(RuntimeError):
     """The audit folder cannot be written or read (one line, for users)."""
 
 
-def canonical(entry: dict[str, Any]) -> bytes:
-    return json.dumps(entry, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+HASH_SUFFIX = len(',"hash":"') + 64 + len('"}')  # the bytes a line ends with (before its newline)
 
 
-def entry_hash(entry: dict[str, Any]) -> str:
-    """The hash an entry must carry: SHA-256 of its canonical JSON without ``hash``."""
-    return hashlib.sha256(canonical({k: v for k, v in entry.items() if k != "hash"})).hexdigest()
+def seal(entry: dict[str, Any]) -> tuple[bytes, str]:
+    """(the line to write, its hash) for an entry without ``hash``."""
+    body = orjson.dumps(entry)
+    digest = hashlib.sha256(body).hexdigest()
+    return body[:-1] + b',"hash":"' + digest.encode() + b'"}\n', digest
+
+
+def line_hash(line: bytes) -> str | None:
+    """The hash a written line (without its newline) must carry, or None when it does not end in one."""
+    if len(line) <= HASH_SUFFIX or not line.endswith(b'"}') or line[-HASH_SUFFIX:-HASH_SUFFIX + 9] != b',"hash":"':
+        return None
+    return hashlib.sha256(line[:-HASH_SUFFIX] + b"}").hexdigest()
 
 
 def checkpoint_mac(key: bytes, head_seq: int, head: str) -> str:
@@ -156,9 +167,8 @@ class AuditTrail:
         """Add one entry; returns it (with ``seq`` and ``hash``)."""
         entry = {"seq": self.seq, "ts": round(time.time() if ts is None else ts, 6), "kind": kind, **fields,
                  "prev": self.head}
-        body = canonical(entry)  # one serialization: the hashed bytes are the line, with the hash appended
-        entry["hash"] = hashlib.sha256(body).hexdigest()
-        self._f.write(body[:-1] + b',"hash":"' + entry["hash"].encode() + b'"}\n')
+        line, entry["hash"] = seal(entry)
+        self._f.write(line)
         self.seq += 1
         self.head = entry["hash"]
         self.entries_total += 1
@@ -227,4 +237,4 @@ class AuditTrail:
             self._f.close()
 
 
-__all__ = ["GENESIS", "AuditError", "AuditTrail", "canonical", "checkpoint_mac", "entry_hash", "segments"]
+__all__ = ["GENESIS", "AuditError", "AuditTrail", "checkpoint_mac", "line_hash", "seal", "segments"]

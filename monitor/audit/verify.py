@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from monitor.audit.trail import GENESIS, AuditError, checkpoint_mac, entry_hash, segments
+from monitor.audit.trail import GENESIS, AuditError, checkpoint_mac, line_hash, segments
 
 
 @dataclass
@@ -107,7 +107,7 @@ def verify(folder: Path, key: bytes | None = None, expect_seq: int | None = None
                 res.fail(f"{where}: entry {seq} does not follow entry {seq - 1} (its prev hash differs: "
                          "an entry before it was changed, removed or inserted)")
                 return res
-            if entry_hash(entry) != ehash:
+            if line_hash(raw) != ehash:
                 res.fail(f"{where}: entry {seq} was modified (its hash does not match its content)")
                 return res
             kind = entry.get("kind")
