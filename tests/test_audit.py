@@ -210,3 +210,51 @@ def test_the_sidecar_audits_every_record_and_alarm_without_text(tmp_path):
     assert set(records[-1]["alarms"]) == {st.slot.name for st in sc.analyzer.states if st.alarm}
     start = next(e for e in got if e["kind"] == "start")
     assert start["baseline_sha256"] == sc.baseline_sha256 and start["probes_sha256"]
+
+
+def test_one_writer_per_folder(tmp_path):
+    from monitor.audit.trail import AuditError
+
+    first = AuditTrail(tmp_path / "l", KEY)
+    with pytest.raises(AuditError, match="another writer"):
+        AuditTrail(tmp_path / "l", KEY)
+    first.close()
+    AuditTrail(tmp_path / "l", KEY).close()  # released at close
+
+
+@pytest.mark.parametrize("leftover", [b"", b'{"seq":'])
+def test_a_crash_right_after_a_new_segment_does_not_block_the_next_start(tmp_path, leftover):
+    folder = trail_of(tmp_path / "e")
+    nxt = verify(folder, key=KEY).last_seq + 1
+    (folder / f"segment-{nxt:012d}.jsonl").write_bytes(leftover)  # created; crashed before (or during) entry 1
+    AuditTrail(folder, KEY).close()
+    res = verify(folder, key=KEY)
+    assert res.ok, res.problems
+
+
+def test_an_unauthenticated_pruned_entry_does_not_excuse_a_deletion(tmp_path):
+    from monitor.audit.trail import seal
+
+    folder = trail_of(tmp_path / "p", n=200, segment_bytes=2_000)
+    first = segments(folder)[0]
+    last_removed = json.loads(first.read_bytes().splitlines()[-1])
+    first.unlink()
+    seg = segments(folder)[-1]
+    tail = json.loads(seg.read_bytes().splitlines()[-1])
+    forged = {"seq": tail["seq"] + 1, "ts": tail["ts"], "kind": "pruned", "through_seq": last_removed["seq"],
+              "through_hash": last_removed["hash"], "prev": tail["hash"]}
+    with open(seg, "ab") as f:
+        f.write(seal(forged)[0])  # a correct chain, but no checkpoint (MAC) after it
+    res = verify(folder, key=KEY)
+    assert not res.ok and "no pruned entry" in res.problems[0]
+
+
+def test_head_lowered_after_a_cut_is_caught(tmp_path):
+    folder = trail_of(tmp_path / "h")
+    seg = segments(folder)[-1]
+    seg.write_bytes(b"".join(lines(seg)[:12]))
+    head = json.loads((folder / "HEAD").read_text())
+    head["seq"] = 11
+    (folder / "HEAD").write_text(json.dumps(head))
+    res = verify(folder, key=KEY)
+    assert not res.ok and "HEAD" in res.problems[0]

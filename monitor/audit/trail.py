@@ -136,29 +136,56 @@ class AuditTrail:
         self._f: Any = None
         self._opened_at = 0.0
         self._last_checkpoint = time.monotonic()
+        self._lock = self._take_lock()
         torn: tuple[str, int, int] | None = None
         existing = segments(self.folder)
-        if existing:
-            last, offset, length = last_complete(existing[-1])
+        while existing:
+            path = existing.pop()
+            last, offset, length = last_complete(path)
+            if last is None and length == 0:  # created, crashed before its first entry: holds nothing
+                path.unlink()
+                continue
+            if last is None and offset == 0:  # only a torn first entry: set aside (its name is the next one's)
+                moved = path.with_name(path.name + ".torn")
+                os.replace(path, moved)
+                torn = (moved.name, 0, length)
+                continue
             if last is None or "hash" not in last:
-                raise AuditError(f"{existing[-1]}: the last entry is unreadable; run latentwatch audit verify")
+                raise AuditError(f"{path}: the last entry is unreadable; run latentwatch audit verify")
             self.seq, self.head = int(last["seq"]) + 1, str(last["hash"])
             if offset >= 0:
-                torn = (existing[-1].name, offset, length)
+                torn = (path.name, offset, length)
+            break
         self._open_segment()
         if torn is not None:
             self.append("recovered", torn_segment=torn[0], torn_offset=torn[1], torn_bytes=torn[2])
         self.append("start", **(start or {}))
         self.checkpoint()
 
+    def _take_lock(self) -> int:
+        """One writer per folder: an exclusive lock held while the trail is open."""
+        import fcntl
+
+        fd = os.open(self.folder / ".lock", os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            os.close(fd)
+            raise AuditError(f"another writer holds {self.folder}: give each sidecar its own audit folder") from exc
+        return fd
+
     # ----------------------------------------------------------------- writing
     def _open_segment(self) -> None:
+        """Start the next segment; the current one is closed only once the new one is open."""
         previous = segments(self.folder)
         path = self.folder / segment_name(self.seq)
         try:
-            self._f = open(path, "ab", buffering=1 << 20)  # noqa: SIM115 - kept open across appends
+            f = open(path, "ab", buffering=1 << 20)  # noqa: SIM115 - kept open across appends
         except OSError as exc:
             raise AuditError(f"cannot open {path}: {exc.strerror}") from exc
+        old, self._f = self._f, f
+        if old is not None:
+            old.close()
         self._opened_at = time.monotonic()
         _fsync_dir(self.folder)
         self.append("segment", previous_segment=previous[-1].name if previous else None)
@@ -186,9 +213,13 @@ class AuditTrail:
         self._f.flush()
         os.fsync(self._f.fileno())
         tmp = self.folder / ".HEAD.tmp"
-        tmp.write_text(json.dumps({"seq": entry["seq"], "hash": entry["hash"], "head_seq": head_seq,
-                                   "head": entry["head"], "mac": entry["mac"]}) + "\n")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(json.dumps({"seq": entry["seq"], "hash": entry["hash"], "head_seq": head_seq,
+                                "head": entry["head"], "mac": entry["mac"]}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, self.folder / "HEAD")
+        _fsync_dir(self.folder)
         self.checkpoint_seq = entry["seq"]
         self._last_checkpoint = time.monotonic()
         return entry
@@ -204,7 +235,6 @@ class AuditTrail:
 
     def rotate(self) -> None:
         self.checkpoint()
-        self._f.close()
         self._open_segment()
         self.prune()
         self.checkpoint()
@@ -235,6 +265,9 @@ class AuditTrail:
         if self._f is not None and not self._f.closed:
             self.checkpoint()
             self._f.close()
+        if self._lock >= 0:
+            os.close(self._lock)  # releases the folder
+            self._lock = -1
 
 
 __all__ = ["GENESIS", "AuditError", "AuditTrail", "checkpoint_mac", "line_hash", "seal", "segments"]

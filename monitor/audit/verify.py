@@ -68,7 +68,10 @@ def verify(folder: Path, key: bytes | None = None, expect_seq: int | None = None
     expected_seq: int | None = None
     prev = GENESIS
     anchor: tuple[int, str] | None = None  # (seq, prev) of the first entry when older segments were pruned
-    pruned: list[tuple[int, str]] = []
+    pruned: list[tuple[int, str]] = []  # removals recorded before an authenticated checkpoint
+    recovered: list[tuple[str, int]] = []
+    pending_pruned: list[tuple[int, str]] = []  # not yet followed by a checkpoint: not yet trusted
+    pending_recovered: list[tuple[str, int]] = []
     torn: dict[tuple[str, int], int] = {}  # (segment, offset) -> bytes, not yet recovered
     checkpoint_hashes: dict[int, str] = {}
     for path in files:
@@ -122,13 +125,18 @@ def verify(folder: Path, key: bytes | None = None, expect_seq: int | None = None
                 res.checkpoints += 1
                 res.last_checkpoint_seq = seq
                 checkpoint_hashes[seq] = ehash
+                pruned += pending_pruned
+                recovered += pending_recovered
+                pending_pruned, pending_recovered = [], []
             elif kind == "pruned":
-                pruned.append((int(entry.get("through_seq", -1)), str(entry.get("through_hash", ""))))
+                pending_pruned.append((_int(entry.get("through_seq")), str(entry.get("through_hash", ""))))
             elif kind == "recovered":
-                torn.pop((str(entry.get("torn_segment")), int(entry.get("torn_offset", -1))), None)
+                pending_recovered.append((str(entry.get("torn_segment")), _int(entry.get("torn_offset"))))
             res.entries += 1
             res.last_seq = seq
             expected_seq, prev = seq + 1, ehash
+    for name, offset in recovered:
+        torn.pop((name, offset), None)
     if anchor is not None and (anchor[0] - 1, anchor[1]) not in pruned:
         res.fail(f"{files[0].name}: the trail begins at entry {anchor[0]}, and no pruned entry records the "
                  "removal of the entries before it (deleted)")
@@ -139,18 +147,21 @@ def verify(folder: Path, key: bytes | None = None, expect_seq: int | None = None
     if head_path.exists():
         try:
             head = json.loads(head_path.read_text())
-            hseq, hhash = int(head["seq"]), str(head["hash"])
+            hseq, hhash, hhead_seq = int(head["seq"]), str(head["hash"]), int(head["head_seq"])
+            hhead = str(head["head"])
         except (ValueError, KeyError, TypeError, OSError):
             res.fail(f"{head_path}: unreadable")
-            hseq, hhash = -1, ""
-        if hseq >= 0 and key is not None and not hmac.compare_digest(
-                str(head.get("mac", "")), checkpoint_mac(key, int(head.get("head_seq", -1)), str(head.get("head")))):
-            res.fail(f"{head_path}: not authenticated by this key")
+            hseq, hhash, hhead_seq, hhead = -1, "", -2, ""
+        if hseq < 0:
+            pass
+        elif hhead_seq != hseq - 1 or (key is not None and not hmac.compare_digest(
+                str(head.get("mac", "")), checkpoint_mac(key, hhead_seq, hhead))):
+            res.fail(f"{head_path}: not authenticated by this key, or not a checkpoint")
         elif res.last_seq is not None and hseq > res.last_seq:
             res.fail(f"the trail ends at entry {res.last_seq}, but HEAD names checkpoint {hseq}: "
                      f"entries {res.last_seq + 1}..{hseq} were cut off (truncated)")
-        elif hseq >= 0 and hseq in checkpoint_hashes and checkpoint_hashes[hseq] != hhash:
-            res.fail(f"HEAD names checkpoint {hseq} with another hash than the trail's")
+        elif res.first_seq is not None and hseq >= res.first_seq and checkpoint_hashes.get(hseq) != hhash:
+            res.fail(f"HEAD names checkpoint {hseq}, which the trail does not hold as written (changed or removed)")
     else:
         res.warnings.append("no HEAD file: a cut of the tail is detected only with --expect-seq")
     if expect_seq is not None and (res.last_checkpoint_seq or -1) < expect_seq:
@@ -162,6 +173,13 @@ def verify(folder: Path, key: bytes | None = None, expect_seq: int | None = None
         res.warnings.append(f"{res.last_seq - res.last_checkpoint_seq} entries after the newest checkpoint are "
                             "not yet authenticated")
     return res
+
+
+def _int(value: Any) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return -1
 
 
 def entries(folder: Path, since: float | None = None, until: float | None = None) -> Iterator[dict[str, Any]]:

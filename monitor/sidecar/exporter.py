@@ -75,6 +75,10 @@ class SidecarCollector(Collector):
                                           "trail", labels=["model_name"])
             entries.add_metric([m], audit.entries_total)
             yield entries
+            errors = CounterMetricFamily("latentwatch_audit_errors", "Batches the audit trail could not record "
+                                         "(full or failing volume): analyzed, not audited", labels=["model_name"])
+            errors.add_metric([m], getattr(sc, "audit_errors", 0))
+            yield errors
         invalid = CounterMetricFamily("latentwatch_records_invalid", "Records refused, by reason",
                                       labels=["model_name", "reason"])
         for reason in ("fingerprint", "shape", "nonfinite", "implausible", "corrupt"):

@@ -1,15 +1,17 @@
 """``latentwatch replay``: feed a recorded signature file to a running sidecar (``POST /ingest``) or to a
 Kafka topic (through the tap's :class:`~collectors.kafka_sink.KafkaSink`) at a chosen rate.
 
-Each body carries an ``Idempotency-Key`` (the SHA-256 of its bytes) and is retried, with the same key,
+Each body carries an ``Idempotency-Key`` (a random per-run nonce and the body's index, so a second replay
+of the same file is analyzed again) and is retried, with the same key,
 when the sidecar cannot be reached, restarts (503) or is still analyzing it (409): the sidecar answers a
 body it has already analyzed without analyzing it again, so a replay through sidecar restarts counts
 every record exactly once."""
 
 from __future__ import annotations
 
-import hashlib
+import http.client
 import json
+import secrets
 import time
 import urllib.error
 import urllib.request
@@ -33,6 +35,7 @@ def replay(path: Path, url: str, rate: float, batch: int = 100, limit: int | Non
     retried with backoff for up to ``retry_seconds``."""
     stats = FileReadStats()
     sent = accepted = corrupt = retries = 0
+    nonce = secrets.token_hex(8)
     pending: list[Record] = []
     started = time.monotonic()
 
@@ -43,8 +46,7 @@ def replay(path: Path, url: str, rate: float, batch: int = 100, limit: int | Non
                 sink.write(rec)
         elif pending:
             body = b"".join(encode(r) for r in pending)
-            headers = {"Content-Type": "application/octet-stream",
-                       "Idempotency-Key": hashlib.sha256(body).hexdigest()[:32]}
+            headers = {"Content-Type": "application/octet-stream", "Idempotency-Key": f"{nonce}-{sent}"}
             if token:
                 headers["Authorization"] = f"Bearer {token}"
             deadline, wait = time.monotonic() + retry_seconds, 0.2
@@ -61,7 +63,7 @@ def replay(path: Path, url: str, rate: float, batch: int = 100, limit: int | Non
                         reason = exc.reason
                     if exc.code not in (409, 503) or time.monotonic() + wait > deadline:
                         raise ReplayError(f"the sidecar answered {exc.code}: {reason}") from exc
-                except (urllib.error.URLError, OSError) as exc:
+                except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
                     if time.monotonic() + wait > deadline:
                         reason = getattr(exc, "reason", exc)
                         raise ReplayError(f"cannot reach {url} for {retry_seconds:g} s: {reason}") from exc

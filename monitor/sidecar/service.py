@@ -130,6 +130,7 @@ class Sidecar:
         self.kafka = (KafkaSource(settings.source.kafka, self.baseline.fingerprint,
                                   resume=(position or {}).get("kafka"))
                       if settings.source.kind == "kafka" and settings.source.kafka else None)
+        self.audit_errors = 0  # batches the audit trail could not record
         self.audit = self._open_audit() if settings.audit.enabled else None
         window = self.baseline.config.window
         self._audit_seq_of = np.full(window, -1, dtype=np.int64)  # valid-record ordinal % window -> audit seq
@@ -158,11 +159,11 @@ class Sidecar:
             self.corrupt_total = int(sc["corrupt_total"])
             self.last_record_ts = float(sc["last_record_ts"])
             self._recent_n = int(sc["recent_n"])
-            self._answered = OrderedDict((str(k), (0, int(a), int(i))) for k, a, i in sc.get("ingest_keys", []))
             if self.probes is not None:
                 self.score_buckets = np.array(arrays["sidecar/score_buckets"], dtype=np.int64)
                 self.score_sum = np.array(arrays["sidecar/score_sum"], dtype=np.float64)
                 self._recent = np.array(arrays["sidecar/recent"], dtype=bool)
+            self._answered = OrderedDict((str(k), (0, int(a), int(i))) for k, a, i in sc.get("ingest_keys", []))
         except (KeyError, ValueError, TypeError) as exc:
             log.warning("checkpoint %s does not fit (%s); starting with empty windows", self.settings.checkpoint.path,
                         exc)
@@ -181,6 +182,12 @@ class Sidecar:
         if path is None:
             return
         with self._body_gate, self.lock:
+            if self.audit is not None:  # what the state (and an ingest answer) covers is in the trail on disk
+                try:
+                    self.audit.checkpoint()
+                except (OSError, AuditError, ValueError) as exc:
+                    self.audit_errors += 1
+                    log.warning("audit trail: cannot checkpoint (%s)", exc)
             pending, self._alarm_pending = self._alarm_pending, False
             covered = self._ingest_seq
             ameta, aarrays = self.analyzer.state_dict()
@@ -301,7 +308,11 @@ class Sidecar:
                 events = self.analyzer.update(batch)
                 fired += events
                 if self.audit is not None:
-                    self._audit_batch(batch, first_ordinal, events)
+                    try:
+                        self._audit_batch(batch, first_ordinal, events)
+                    except (OSError, AuditError, ValueError) as exc:  # a full volume must not stop the analysis
+                        self.audit_errors += 1
+                        log.warning("audit trail: cannot write (%s); records are analyzed, not audited", exc)
                 if events:  # an alarm's state is checkpointed at once, so a crash does not fire it twice
                     self._alarm_pending = True
                 if counts is not None:
@@ -386,12 +397,13 @@ class Sidecar:
         with self.lock:
             if self._closing:
                 return 503, {"error": "the sidecar is shutting down; retry", "accepted": 0}
-            if key is not None and key in self._answered:
-                seq, accepted, invalid = self._answered[key]
-                return self._durable_answer(seq, {"accepted": accepted, "corrupt": 0, "invalid": invalid,
-                                                  "duplicate": True})
-            if key is not None and key in self._in_progress:
+            known = self._answered.get(key) if key is not None else None
+            if key is not None and known is None and key in self._in_progress:
                 return 409, {"error": "a body with this Idempotency-Key is being analyzed; retry", "accepted": 0}
+        if known is not None:  # waits for durability outside the lock (the checkpoint needs it)
+            seq, accepted, invalid = known
+            return self._durable_answer(seq, {"accepted": accepted, "corrupt": 0, "invalid": invalid,
+                                              "duplicate": True})
         records: list[Record] = []
         pos, view = 0, memoryview(data)
         fp = self.baseline.fingerprint
