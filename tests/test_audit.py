@@ -258,3 +258,29 @@ def test_head_lowered_after_a_cut_is_caught(tmp_path):
     (folder / "HEAD").write_text(json.dumps(head))
     res = verify(folder, key=KEY)
     assert not res.ok and "HEAD" in res.problems[0]
+
+
+@pytest.mark.integration  # a real `latentwatch serve`
+def test_serve_writes_a_trail_that_verifies_against_its_own_witness(tmp_path):
+    from collectors.sinks import FileSink
+    from tests.test_restart import received, stream
+    from tests.test_sidecar import make_artifacts, metrics, start, stop, wait_for
+
+    (tmp_path / "art").mkdir()
+    art = make_artifacts(tmp_path / "art")
+    (tmp_path / "key").write_bytes(KEY)
+    audit = {"enabled": True, "dir": str(tmp_path / "audit"), "key_file": str(tmp_path / "key"),
+             "checkpoint_seconds": 0.2}
+    proc, port, live = start(art, tmp_path, audit=audit)
+    try:
+        with FileSink(live) as sink:
+            for r in stream(400, 0):
+                sink.write(r)
+        wait_for(lambda: received(port) >= 400, what="400 records")
+        witness = wait_for(lambda: metrics(port)["latentwatch_audit_checkpoint_seq"].samples[0].value >= 400 and
+                           metrics(port)["latentwatch_audit_checkpoint_seq"].samples[0].value, what="a checkpoint")
+    finally:
+        assert stop(proc)[0] == 0
+    res = verify(tmp_path / "audit", key=KEY, expect_seq=int(witness))
+    assert res.ok, res.problems
+    assert sum(e["kind"] == "record" for e in entries(tmp_path / "audit")) == 400
