@@ -87,15 +87,25 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def last_complete(path: Path) -> tuple[dict[str, Any] | None, int, int]:
-    """(last complete entry, byte offset where a torn tail begins or -1, its length) of a segment."""
-    data = path.read_bytes()
-    end = data.rfind(b"\n") + 1  # everything before is whole lines
-    torn = (end, len(data) - end) if end < len(data) else (-1, 0)
+    """(last complete entry, byte offset where a torn tail begins or -1, its length) of a segment; reads
+    from the end, only as much as the last line needs."""
+    size = path.stat().st_size
+    block = 1 << 16
+    with open(path, "rb") as f:
+        while True:
+            start = max(0, size - block)
+            f.seek(start)
+            data = f.read()
+            end = data.rfind(b"\n") + 1  # everything before is whole lines
+            before = data.rfind(b"\n", 0, end - 1) if end else -1  # the newline before the last whole line
+            if start == 0 or before >= 0:
+                break
+            block *= 4
+    torn = (start + end, len(data) - end) if end < len(data) else (-1, 0)
     last = None
-    start = data.rfind(b"\n", 0, max(end - 1, 0)) + 1 if end else 0
     if end:
         try:
-            last = json.loads(data[start:end])
+            last = json.loads(data[before + 1 : end])
         except ValueError:
             last = None
     return last, torn[0], torn[1]

@@ -77,7 +77,7 @@ class SidecarCollector(Collector):
             yield entries
             errors = CounterMetricFamily("latentwatch_audit_errors", "Batches the audit trail could not record "
                                          "(full or failing volume): analyzed, not audited", labels=["model_name"])
-            errors.add_metric([m], getattr(sc, "audit_errors", 0))
+            errors.add_metric([m], sc.audit_errors)
             yield errors
         invalid = CounterMetricFamily("latentwatch_records_invalid", "Records refused, by reason",
                                       labels=["model_name", "reason"])

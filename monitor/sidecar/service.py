@@ -394,16 +394,6 @@ class Sidecar:
         without being analyzed twice, so a client that retries until it gets an answer counts each record
         exactly once; a key whose body is still being analyzed gets 409. The last
         ``ingest.idempotency_keys`` keys are remembered."""
-        with self.lock:
-            if self._closing:
-                return 503, {"error": "the sidecar is shutting down; retry", "accepted": 0}
-            known = self._answered.get(key) if key is not None else None
-            if key is not None and known is None and key in self._in_progress:
-                return 409, {"error": "a body with this Idempotency-Key is being analyzed; retry", "accepted": 0}
-        if known is not None:  # waits for durability outside the lock (the checkpoint needs it)
-            seq, accepted, invalid = known
-            return self._durable_answer(seq, {"accepted": accepted, "corrupt": 0, "invalid": invalid,
-                                              "duplicate": True})
         records: list[Record] = []
         pos, view = 0, memoryview(data)
         fp = self.baseline.fingerprint
@@ -429,12 +419,18 @@ class Sidecar:
         with self.lock:
             if self._closing:
                 return 503, {"error": "the sidecar is shutting down; retry", "accepted": 0}
-            if key is not None:
-                if key in self._in_progress or key in self._answered:  # raced with a retry of itself
+            known = self._answered.get(key) if key is not None else None
+            if known is None and key is not None:
+                if key in self._in_progress:
                     return 409, {"error": "a body with this Idempotency-Key is being analyzed; retry",
                                  "accepted": 0}
                 self._in_progress.add(key)
-            self._ingesting += 1
+            if known is None:
+                self._ingesting += 1
+        if known is not None:  # waits for durability outside the lock (the checkpoint needs it)
+            seq, accepted, invalid = known
+            return self._durable_answer(seq, {"accepted": accepted, "corrupt": 0, "invalid": invalid,
+                                              "duplicate": True})
         counts: dict[str, int] = {}
         try:
             with self._body_gate:  # a checkpoint holds all of a body or none of it
@@ -509,6 +505,13 @@ class Sidecar:
                 n = self.poll_once()
                 if self.checkpoint_due():
                     self.checkpoint()
+                if self.audit is not None:  # also when idle: the newest entries are authenticated in time
+                    with self.lock:
+                        try:
+                            self.audit.maybe_checkpoint()
+                        except (OSError, AuditError, ValueError) as exc:
+                            self.audit_errors += 1
+                            log.warning("audit trail: cannot checkpoint (%s)", exc)
                 if n == 0 and self.kafka is None:
                     self._wake.wait(self.settings.source.poll_seconds)  # a waiting ingest body wakes it
                     self._wake.clear()
