@@ -256,6 +256,41 @@ def inspect(
         raise typer.Exit(1)
 
 
+@app.command()
+def gate(
+    model: str = typer.Option(..., "--model", help="the candidate: smollm2, minilm or a transformers folder"),
+    suite: str = typer.Option(..., "--suite", help="a gate suite YAML, or builtin:<name> (builtin:smollm2)"),
+    previous: Path = typer.Option(None, "--previous", help="the previous release's report.json (its folder holds "
+                                  "the baseline the drift check compares with)"),
+    out: Path = typer.Option(Path("gate-report"), help="folder for report.json, report.html, probes/, baseline"),
+    strict: bool = typer.Option(False, help="a skipped check (no --previous) fails the gate"),
+    as_json: bool = typer.Option(False, "--json", help="print the report as one JSON object"),
+) -> None:
+    """Release gate: run a suite of checks on a candidate model's internals; exit 1 if any fails.
+
+    Exit codes: 0 passed, 1 a check failed, 2 a usage error (bad suite, unreadable previous report).
+    """
+    require("train", "torch", "transformers", "sklearn")
+    from monitor.gate.report import print_report
+    from monitor.gate.run import GateError, load_report, run_gate
+    from monitor.gate.suite import SuiteError, load_suite
+
+    try:
+        loaded = load_suite(suite)
+        if previous is not None:
+            load_report(previous)  # before the long run: a wrong path fails in a second, not after training
+        report = run_gate(loaded, model, out, previous=previous, strict=strict, progress=not as_json,
+                          console=None if as_json else err_console)
+    except (SuiteError, GateError) as exc:
+        fail(str(exc))
+    if as_json:
+        print(json.dumps(report))
+    else:
+        print_report(report, console)
+        console.print(f"report: {out / 'report.html'} and {out / 'report.json'}", highlight=False)
+    raise typer.Exit(0 if report["passed"] else 1)
+
+
 probes_app = typer.Typer(help="Train, evaluate and inspect concept probes.", no_args_is_help=True)
 app.add_typer(probes_app, name="probes")
 
