@@ -113,6 +113,20 @@ def load_report(path: Path) -> dict[str, Any]:
     return body
 
 
+def previous_baseline(prev: dict[str, Any], folder: Path) -> Any:
+    """The baseline a previous report names, from its folder, checked against the report's hash."""
+    from monitor.analysis.baseline import Baseline
+
+    name = str(prev["artifacts"]["baseline"])
+    if Path(name).name != name or name in ("", ".", ".."):
+        raise GateError(f"the previous report names its baseline {name!r}: expected a file beside the report")
+    path = folder / name
+    if not path.exists() or _file_sha256(path) != prev["artifacts"]["baseline_sha256"]:
+        raise GateError(f"{path}: the previous release's baseline is missing or does not match its report "
+                        "(keep report.json and the files beside it together)")
+    return Baseline.load(path)
+
+
 def _file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
@@ -236,10 +250,12 @@ def activation_drift(records: list, previous: Any, check: Any, seed: int = 0) ->
 
     shapes = signals.shapes_of(records[0])
     if shapes != previous.shapes:
-        diff = sorted(set(shapes.items()) ^ set(previous.shapes.items()))
+        def show(s: dict) -> str:
+            return ", ".join(f"{site} {v.kind}[{v.dim}]" for site, v in sorted(s.items()))
+
         return CheckResult("drift", "activation drift", "fail",
-                           f"the candidate's sites or dimensions differ from the previous release's ({diff}): "
-                           "activations cannot be compared", [], {})
+                           f"the candidate's sites or dimensions differ from the previous release's (candidate: "
+                           f"{show(shapes)}; previous: {show(previous.shapes)}): activations cannot be compared")
     analyzer = Analyzer(previous, None, log_alarms=False)
     order = np.random.default_rng(seed).permutation(len(records))
     sig = signals.extract([records[i] for i in order], previous.shapes, None)
@@ -350,11 +366,7 @@ def run_gate(loaded: LoadedSuite, model: str, out: Path, *, previous: Path | Non
             elif (why := _incomparable(prev, prompts, "baseline")) is not None:
                 checks.append(CheckResult("drift", "activation drift", "fail", why))
             else:
-                path = prev_dir / prev["artifacts"]["baseline"]
-                if not path.exists() or _file_sha256(path) != prev["artifacts"]["baseline_sha256"]:
-                    raise GateError(f"{path}: the previous release's baseline is missing or does not match its "
-                                    "report (keep report.json and its folder together)")
-                checks.append(activation_drift(records, Baseline.load(path), d))
+                checks.append(activation_drift(records, previous_baseline(prev, prev_dir), d))
         if suite.scores is not None:
             if prev is None:
                 checks.append(_skipped("scores", "concept scores"))
