@@ -138,6 +138,14 @@ def test_builtin_concept_pack_is_complete(install):
     out = installed(venv, "python", "-c", code, cwd=work)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == expected
+    # the gate's built-in suite ships too, and names only concepts of the pack
+    code = ("import json; from monitor.gate.suite import load_suite; "
+            "print(json.dumps(sorted(s.concept for s in load_suite('builtin:smollm2').specs)))")
+    out = installed(venv, "python", "-c", code, cwd=work)
+    assert out.returncode == 0, out.stderr
+    assert set(json.loads(out.stdout)) <= set(expected)
+    gate = installed(venv, "latentwatch", "gate", "--model", "smollm2", "--suite", "builtin:smollm2", cwd=work)
+    assert gate.returncode == 2 and gate.stderr.strip().startswith("error: this command needs torch")
 
 
 def test_serve_replay_metrics_from_the_install(install):

@@ -159,6 +159,7 @@ def probe_figures(card: dict[str, Any], require: Any) -> list[Figure]:
 
 def must_not_encode(check: MustNotEncode, lm: Any, cache: Any, base: Path, progress: bool) -> CheckResult:
     """Out-of-fold AUROC of the best linear readout of the attribute (see the module doc)."""
+    from sklearn.metrics import roc_auc_score
     from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
     from collectors.sites import default_sites
@@ -190,21 +191,30 @@ def must_not_encode(check: MustNotEncode, lm: Any, cache: Any, base: Path, progr
         splits = list(StratifiedKFold(n_splits=check.folds, shuffle=True, random_state=0).split(texts, y))
     sites = check.sites or default_sites(lm.model)
     feats = cache.get(texts, sites, progress=progress, description=f"must not encode {check.name}: activations")
+    # AUROC within each test fold, averaged by fold size: pooling out-of-fold scores across folds mixes the
+    # folds' offsets (with whole groups held out, class shares differ by fold) and drags the AUROC below 0.5
+    scored = [(train, test) for train, test in splits if 0 < y[test].sum() < len(test)]
+    if not scored:
+        raise GateError(f"must_not_encode {check.name}: no fold holds both classes; use fewer folds or a finer "
+                        "group_by")
+    weights = np.array([len(test) for _, test in scored], dtype=np.float64)
     candidates = []
     for site in sites:
         for pooling, x in feats[site].items():
-            oof = np.zeros(len(y))
-            for train, test in splits:
-                oof[test] = _pipeline(0.1, 0).fit(x[train], y[train]).decision_function(x[test])
-            from sklearn.metrics import roc_auc_score
-
-            candidates.append({"site": site, "pooling": pooling, "auroc": round(float(roc_auc_score(y, oof)), 4)})
+            per_fold = []
+            for train, test in scored:
+                z = _pipeline(0.1, 0).fit(x[train], y[train]).decision_function(x[test])
+                per_fold.append(roc_auc_score(y[test], z))
+            candidates.append({"site": site, "pooling": pooling,
+                               "auroc": round(float(np.average(per_fold, weights=weights)), 4),
+                               "per_fold": [round(float(a), 4) for a in per_fold]})
     best = max(candidates, key=lambda c: c["auroc"])
     se = _auroc_se(best["auroc"], int(y.sum()), int(len(y) - y.sum()))
     fig = figure("max_auroc", best["auroc"], check.max_auroc, "<=",
-                 f"largest out-of-fold AUROC over {len(candidates)} site x pooling readouts "
+                 f"largest held-out AUROC (within folds, averaged) over {len(candidates)} site x pooling readouts "
                  f"({best['site']}/{best['pooling']}), standard error {se:.3f}")
-    details = {"n": len(y), "positives": int(y.sum()), "folds": len(splits), "group_by": check.group_by,
+    details = {"n": len(y), "positives": int(y.sum()), "folds": len(splits), "folds_with_both_classes": len(scored),
+               "group_by": check.group_by,
                "best": best, "candidates": candidates, "description": check.description,
                "note": "below the bound: no linear readout at these sites found the attribute on this data; "
                        "this does not show the model cannot use it"}
