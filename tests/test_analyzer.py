@@ -114,7 +114,7 @@ def test_no_shift_stream_rarely_alarms_and_shifts_are_attributed(baseline):
     analyzer.update(make_records(200, rng))
     fired = analyzer.update(make_records(300, rng, head_shift=0.3))
     attn = [e for e in fired if e.detector == "ks:attn:layers.2.attn"]
-    assert attn and attn[0].attribution[0][0] == "head1.mean_distance"
+    assert attn and attn[0].attribution[0][0] == "head 1 mean distance"
     assert "DRIFT ks:attn:layers.2.attn" in attn[0].describe()
 
 

@@ -29,7 +29,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from collectors.record import Record
-from monitor.analysis import calibration, detectors, plausibility, signals
+from monitor.analysis import calibration, detectors, naming, plausibility, signals
 from monitor.analysis import groups as grouping
 from monitor.analysis.detectors.projection import fit_pca
 from monitor.probes.probe import ProbeSet
@@ -223,15 +223,22 @@ class Baseline:
             det = detectors.ConceptRate(thresholds=probes.thresholds).fit(
                 sig["scores"], group_ids if config.group_by != "record" else None)
             slots.append(DetectorSlot("rate:scores", "rate", "scores", det, list(probes.concepts)))
+        spread = naming.logit_spread(sig["scores"], probes.concepts) if probes is not None and "scores" in sig else {}
         for family in sorted(f for f in sig if f.startswith("act:")):
             site = family.split(":", 1)[1]
             pca = fit_pca(sig[family], config.pca_components)  # one projection per site, shared
+            # the concepts read at this site name the principal directions they are aligned with
+            weights = {p.concept: p.weights for p in (probes.probes if probes else []) if p.site == site}
             for test in config.multivariate:
                 det = detectors.REGISTRY[test](k=config.pca_components)
                 # detectors that split the reference by group for out-of-sample moments fit their own basis
                 shared = {"pca": pca} if getattr(det, "shares_pca", False) else {}
                 det.fit(sig[family], groups=group_ids, **shared)
-                slots.append(DetectorSlot(f"{test}:{site}", test, family, det, det.component_names()))
+                names = det.component_names()
+                found = naming.directions_of(det)
+                if found is not None and weights:
+                    names = naming.describe(names, found[0], found[1], weights, spread)
+                slots.append(DetectorSlot(f"{test}:{site}", test, family, det, names))
         return slots
 
     # ------------------------------------------------------------------ file

@@ -41,9 +41,9 @@ def component_names(family: str, shape: SiteShape | None, probes: ProbeSet | Non
         return list(probes.concepts) if probes else []
     kind = family.split(":", 1)[0]
     if kind == "attn" and shape is not None:
-        return [f"head{h}.{s}" for h in range(shape.dim) for s in STAT_NAMES]
+        return [f"head {h} {s.replace('_', ' ')}" for h in range(shape.dim) for s in STAT_NAMES]
     if kind == "norm":
-        return ["mean_token_norm", "last_token_norm"]
+        return ["mean token norm", "last token norm"]
     return []
 
 

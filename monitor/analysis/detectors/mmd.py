@@ -76,8 +76,16 @@ class MMD:
         return (diff**2).sum(axis=1)
 
     def components(self, window: np.ndarray) -> np.ndarray:
+        """Per principal direction, how far the window's distribution along it moved, mean *and* spread:
+        ``sign(mean) * sqrt(A² + B²)`` with ``A = sqrt(n) * mean`` and ``B = sqrt(n / 2) * (mean square - 1)``
+        of the whitened coordinate (each about standard normal without drift). A mixture that widens a
+        direction without moving its mean shows here and not in ``meanshift``'s attribution."""
         w = as_windows(window)
-        return np.sqrt(w.shape[1]) * w[:, :, self.features :].mean(axis=1)[0]
+        n = w.shape[1]
+        z = w[0, :, self.features :]
+        a = np.sqrt(n) * z.mean(axis=0)
+        b = np.sqrt(n / 2.0) * ((z**2).mean(axis=0) - 1.0)
+        return np.where(a < 0, -1.0, 1.0) * np.sqrt(a**2 + b**2)
 
     def component_names(self) -> list[str]:
         return [f"pc{j + 1}" for j in range(self.components_.shape[0])]

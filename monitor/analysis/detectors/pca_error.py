@@ -87,7 +87,7 @@ class PCAReconstructionError:
         return self.statistic(window)
 
     def component_names(self) -> list[str]:
-        return ["residual"]
+        return [f"energy outside the top {len(self.components_)} principal directions"]
 
     def state(self) -> dict[str, Any]:
         return {"mean": self.mean_, "components": self.components_, "sd": self.sd_,

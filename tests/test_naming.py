@@ -1,0 +1,53 @@
+"""Attribution in names a person knows (issue 18): concept-named principal directions, readable attention
+heads, and detectors that attribute each in their own way."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from monitor.analysis.analyzer import Analyzer
+from monitor.analysis.baseline import AnalyzerConfig, Baseline
+from monitor.analysis.detectors import MMD, MeanShift
+from tests.test_analyzer import make_records, probes
+
+
+def _records_with_a_loud_direction(n, rng, shift=0.0):
+    recs = make_records(n, rng)
+    for r in recs:  # dimension 0 (what the injection probe reads) varies most: it is the top direction
+        r.sites["layers.2.resid"]["mean"][0] = rng.normal(0, 4.0) + shift
+    return recs
+
+
+def test_principal_directions_are_named_after_the_concept_they_carry():
+    config = AnalyzerConfig(window=50, stride=10, false_alarm_every=2000, pca_components=6)
+    base = Baseline.build(_records_with_a_loud_direction(1500, np.random.default_rng(0)), probes(), config)
+    slot = next(s for s in base.slots if s.name == "meanshift:layers.2.resid")
+    assert slot.components[0].startswith("pc1 (injection ")  # the loud direction carries the injection probe
+    assert sum("(" in c for c in slot.components) <= 2  # directions no probe reads keep their number only
+    attn = next(s for s in base.slots if s.name == "ks:attn:layers.2.attn")
+    assert attn.components[:2] == ["head 0 entropy", "head 0 first token mass"]
+    # the names reach alarms, and survive the file
+    analyzer = Analyzer(base, probes(), log_alarms=False)
+    fired = analyzer.update(_records_with_a_loud_direction(200, np.random.default_rng(1), shift=6.0))
+    meanshift = [e for e in fired if e.detector == "meanshift:layers.2.resid"]
+    assert meanshift and meanshift[0].attribution[0][0].startswith("pc1 (injection ")
+
+
+def test_names_round_trip_through_the_baseline_file(tmp_path):
+    config = AnalyzerConfig(window=50, stride=10, false_alarm_every=2000, pca_components=6)
+    base = Baseline.build(_records_with_a_loud_direction(1500, np.random.default_rng(0)), probes(), config)
+    again = Baseline.load(base.save(tmp_path / "b.safetensors"))
+    assert [s.components for s in again.slots] == [s.components for s in base.slots]
+
+
+def test_mmd_attributes_a_widening_that_meanshift_does_not_see():
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(4000, 16))
+    mmd, ms = MMD(k=16).fit(ref), MeanShift(k=16).fit(ref)
+    window = rng.normal(size=(200, 16))
+    direction = mmd.components_[0]  # widen the reference's first principal direction, mean unchanged
+    window += np.outer(rng.normal(0, 2.0, size=200), direction)
+    a = mmd.components(mmd.transform(window))
+    b = ms.components(ms.transform(window))
+    assert int(np.argmax(np.abs(a))) == 0 and abs(a[0]) > 10
+    assert abs(b[0]) < 4  # the mean along it did not move: meanshift's attribution does not single it out
