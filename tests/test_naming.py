@@ -51,3 +51,40 @@ def test_mmd_attributes_a_widening_that_meanshift_does_not_see():
     b = ms.components(ms.transform(window))
     assert int(np.argmax(np.abs(a))) == 0 and abs(a[0]) > 10
     assert abs(b[0]) < 4  # the mean along it did not move: meanshift's attribution does not single it out
+
+
+def test_alarms_name_the_window_records_farthest_along_the_move():
+    config = AnalyzerConfig(window=50, stride=10, false_alarm_every=2000, pca_components=6)
+    base = Baseline.build(_records_with_a_loud_direction(1500, np.random.default_rng(0)), probes(), config)
+    live = make_records(200, np.random.default_rng(3))
+    far = set()
+    for i, r in enumerate(live):
+        r.key = f"live{i:04d}"
+        if i % 10 == 3:  # a few records far out along a direction the baseline varied little in
+            r.sites["layers.2.resid"]["mean"][7] += 40.0
+            far.add(r.key)
+    analyzer = Analyzer(base, probes(), log_alarms=False)
+    fired = [e for e in analyzer.update(live) if e.detector == "meanshift:layers.2.resid"]
+    assert fired, "the far records should move the window mean"
+    assert set(fired[0].exemplars) <= far and len(fired[0].exemplars) == 3
+    assert "farthest records: live" in fired[0].describe()
+    # plain arrays carry no keys: no exemplars, no error
+    from monitor.analysis import signals
+
+    plain = Analyzer(base, probes(), log_alarms=False)
+    events = plain.update_signals(signals.extract(live, base.shapes, probes()))
+    assert events and all(e.exemplars == [] for e in events)
+
+
+def test_window_keys_survive_a_checkpoint():
+    config = AnalyzerConfig(window=50, stride=10, false_alarm_every=2000, pca_components=6)
+    base = Baseline.build(make_records(1500, np.random.default_rng(0)), probes(), config)
+    live = make_records(60, np.random.default_rng(4))
+    for i, r in enumerate(live):
+        r.key = f"k{i}"
+    a = Analyzer(base, probes(), log_alarms=False)
+    a.update(live)
+    meta, arrays = a.state_dict()
+    b = Analyzer(base, probes(), log_alarms=False)
+    b.load_state_dict(meta, arrays)
+    assert list(b._keys) == list(a._keys) and "k59" in set(b._keys)

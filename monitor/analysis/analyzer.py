@@ -48,12 +48,14 @@ class AlarmEvent:
     statistic: float
     threshold: float
     attribution: list[tuple[str, float]]
+    exemplars: list[str] = field(default_factory=list)  # hashed keys of the window's records farthest along the move
 
     def describe(self) -> str:
         top = ", ".join(f"{name} {value:+.3g}" for name, value in self.attribution[:5])
+        farthest = f"; farthest records: {', '.join(self.exemplars)}" if self.exemplars else ""
         return (f"DRIFT {self.detector}: statistic {self.statistic:.4g} > threshold {self.threshold:.4g} "
                 f"({self.statistic / self.threshold if self.threshold > 0 else float('inf'):.1f}x) at record "
-                f"{self.at_record}; moved most: {top}")
+                f"{self.at_record}; moved most: {top}{farthest}")
 
 
 @dataclass
@@ -90,6 +92,9 @@ class Analyzer:
         self.validity_window = max((r.window for r in self._validity_refs if r is not None), default=0)
         self._score_buf = np.full((self.validity_window, len(self._validity_refs)), np.nan, dtype=np.float32)
         self._score_pos = 0
+        # the hashed key of the record in each window slot ("" when fed plain arrays): alarms name exemplars
+        self._keys = np.full(self.window, "", dtype=object)
+        self._pending_keys: list[str] | None = None
 
     @property
     def valid_seen(self) -> int:
@@ -126,7 +131,11 @@ class Analyzer:
             if not idx:
                 return []
             sig = signals.extract([records[i] for i in idx], self.baseline.shapes, self.probes)
-        fired = self.update_signals(sig)
+        self._pending_keys = [records[i].key for i in idx]
+        try:
+            fired = self.update_signals(sig)
+        finally:
+            self._pending_keys = None
         for i, reason in zip(idx, self.last_row_reasons, strict=True):
             outcomes[i] = reason
         return fired
@@ -141,9 +150,12 @@ class Analyzer:
         reasons: list[str | None] = [None if f else "nonfinite" for f in finite]
         self.last_row_reasons = reasons
         self.last_scores = None
+        keys = self._pending_keys
+        keys = np.array(keys, dtype=object) if keys is not None and len(keys) == len(finite) else None
         if not finite.all():
             self.stats.invalid_total["nonfinite"] += int((~finite).sum())
             sig = signals.select(sig, finite)
+            keys = keys[finite] if keys is not None else None
             if not finite.any():
                 return []
         plausible = plausibility.plausible_rows(sig, self.baseline.info.get(plausibility.INFO_KEY, {}))
@@ -153,6 +165,7 @@ class Analyzer:
                 if not ok:
                     reasons[row] = "implausible"
             sig = signals.select(sig, plausible)
+            keys = keys[plausible] if keys is not None else None
             if not plausible.any():
                 return []
         n = int(plausible.sum())
@@ -163,7 +176,7 @@ class Analyzer:
             self._push_scores(sig["scores"])
         cache: dict = {}  # detectors of one site share its PCA projection
         rows = [st.slot.detector.transform(sig[st.slot.family], cache) for st in self._ensure_states(sig)]
-        return self._push(rows, n)
+        return self._push(rows, n, keys)
 
     def _ensure_states(self, sig: dict[str, np.ndarray]) -> list[DetectorState]:
         if not self.states:
@@ -174,7 +187,7 @@ class Analyzer:
                                                  np.zeros(width) if mean_based else None))
         return self.states
 
-    def _push(self, rows: list[np.ndarray], n: int) -> list[AlarmEvent]:
+    def _push(self, rows: list[np.ndarray], n: int, keys: np.ndarray | None = None) -> list[AlarmEvent]:
         fired: list[AlarmEvent] = []
         i = 0
         while i < n:
@@ -184,6 +197,7 @@ class Analyzer:
             for st, r in zip(self.states, rows, strict=True):
                 new = r[i : i + take]
                 st.buffer[idx] = new
+            self._keys[idx] = keys[i : i + take] if keys is not None else ""
             self._pos = (self._pos + take) % self.window
             self._filled = min(self.window, self._filled + take)
             self._seen_valid += take
@@ -208,7 +222,8 @@ class Analyzer:
             if above and not st.alarm:
                 st.alarms_total += 1
                 st.last_fired_at = self._seen_valid
-                event = AlarmEvent(st.slot.name, self._seen_valid, value, st.slot.threshold, self.attribution(st))
+                event = AlarmEvent(st.slot.name, self._seen_valid, value, st.slot.threshold, self.attribution(st),
+                                   self.exemplars(st))
                 fired.append(event)
                 if self.log_alarms:
                     log.warning("%s", event.describe())
@@ -234,6 +249,33 @@ class Analyzer:
         order = np.argsort(-np.abs(comps))[:top]
         ood = self.out_of_domain() if st.slot.family == "scores" else set()
         return [(f"{names[j]} {OOD_SUFFIX}" if names[j] in ood else names[j], float(comps[j])) for j in order]
+
+    def exemplars(self, st: DetectorState, top: int = 3) -> list[str]:
+        """Hashed keys of the window's records that sit farthest along what moved, as each detector sees it:
+        the window's mean displacement in whitened principal coordinates (``mmd``, ``meanshift``; centred
+        activations for ``meanshift_full``), the largest per-record residual (``pca_error``) or novelty,
+        the records hitting the surging concept (``rate``), or the farthest values of the component that
+        moved most (univariate tests). Empty when the analyzer was fed plain arrays."""
+        filled = self._filled
+        if not filled:
+            return []
+        buf, keys = st.buffer[:filled], self._keys[:filled]
+        det, kind = st.slot.detector, st.slot.kind
+        if kind in ("pca_error", "novelty"):
+            score = buf[:, 0]
+        elif kind in ("mmd", "meanshift", "meanshift_full"):
+            z = buf[:, det.features:] if kind == "mmd" else buf
+            d = z.mean(axis=0)
+            score = z @ (d / (np.linalg.norm(d) or 1.0))
+        else:  # rate and the univariate tests: the component that moved most
+            j = int(np.argmax(np.abs(np.asarray(det.components(st.buffer), dtype=np.float64))))
+            col = buf[:, j]
+            ref = getattr(det, "reference_", None)
+            center = float(np.median(ref[:, j])) if ref is not None else float(np.median(col))
+            moved = col.mean() - center
+            score = (col - center) * (1.0 if moved >= 0 else -1.0)
+        order = np.argsort(-score, kind="stable")
+        return [str(keys[i]) for i in order if keys[i]][:top]
 
     def ranking(self, top: int = 10) -> list[tuple[str, str, float]]:
         """Across detectors in alarm: ``(detector, component, contribution)`` ranked by statistic/threshold."""
@@ -309,6 +351,7 @@ class Analyzer:
                               for st in self.states]}
         arrays = {f"detector/{i}": st.buffer for i, st in enumerate(self.states)}
         arrays["concept_hits"] = np.asarray(self.concept_hits, dtype=np.float64)
+        arrays["window_keys"] = _encode_keys(self._keys)
         if self.validity_window:  # the last scores of the validity watch, oldest first
             arrays["validity_scores"] = self._recent_scores()
         return meta, arrays
@@ -333,8 +376,27 @@ class Analyzer:
         self.stats.evaluations_total = int(meta["evaluations_total"])
         self._filled, self._pos, self._seen_valid = int(meta["filled"]), int(meta["pos"]), int(meta["seen_valid"])
         self.scored_total = int(meta["scored_total"])
+        if "window_keys" in arrays and arrays["window_keys"].shape[0] == self.window:  # older checkpoints: none
+            self._keys = _decode_keys(arrays["window_keys"])
         if len(self.concept_hits):
             self.concept_hits = np.array(arrays["concept_hits"], dtype=np.float64)
         saved = arrays.get("validity_scores")
         if self.validity_window and saved is not None and saved.shape == self._score_buf.shape:
             self._score_buf, self._score_pos = np.array(saved, dtype=np.float32), 0  # older checkpoints: refill
+
+
+_KEY_BYTES = 200  # record keys are at most 200 ASCII characters (collectors/record.py)
+
+
+def _encode_keys(keys: np.ndarray) -> np.ndarray:
+    """Window keys as a ``[window, 200]`` uint8 array (checkpoint arrays are numeric)."""
+    out = np.zeros((len(keys), _KEY_BYTES), dtype=np.uint8)
+    for i, k in enumerate(keys):
+        b = str(k).encode("ascii", "replace")[:_KEY_BYTES]
+        out[i, : len(b)] = np.frombuffer(b, dtype=np.uint8)
+    return out
+
+
+def _decode_keys(arr: np.ndarray) -> np.ndarray:
+    return np.array([bytes(row).rstrip(b"\0").decode("ascii", "replace") for row in np.asarray(arr, np.uint8)],
+                    dtype=object)

@@ -157,7 +157,7 @@ def build_report(records: Sequence[Record], baseline: Baseline, probes: ProbeSet
     alarm_rows = "".join(
         f"<tr><td>{html.escape(e.detector)}</td><td>{e.at_record}</td><td>{x_of(e.at_record):.4g}</td>"
         f"<td>{'' if shift_at is None else e.at_record - shift_at}</td><td>{e.statistic:.4g}</td>"
-        f"<td>{e.threshold:.4g}</td><td>{moved(e)}</td></tr>"
+        f"<td>{e.threshold:.4g}</td><td>{moved(e)}</td><td>{html.escape(', '.join(e.exemplars))}</td></tr>"
         for e in events)
     rate_rows = ""
     validity = analyzer.probe_validity()  # at the end of the stream; only probes with a validity reference
@@ -190,7 +190,7 @@ window {baseline.config.window}, stride {baseline.config.stride}; false-alarm bu
 {figures}
 <h2>Alarms ({len(events)})</h2><table><tr><th>detector</th><th>record</th><th>{html.escape(xlabel)}</th>
 <th>after shift (records)</th><th>statistic</th>
-<th>threshold</th><th>moved most</th></tr>{alarm_rows}</table>
+<th>threshold</th><th>moved most</th><th>farthest records (hashed keys)</th></tr>{alarm_rows}</table>
 <h2>What moved most at the end of the stream</h2><p>Detectors in alarm, ranked by statistic / threshold;
 per detector its largest components (concept, attention head and statistic, principal direction).</p>
 <table><tr><th>detector</th><th>component</th><th>contribution</th></tr>{ranking_rows}</table>

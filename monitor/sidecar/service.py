@@ -282,6 +282,7 @@ class Sidecar:
         self.audit.append("alarm", detector=ev.detector, statistic=ev.statistic, threshold=ev.threshold,
                           at_ordinal=ev.at_record, window=w,
                           attribution=[[name, round(float(v), 6)] for name, v in ev.attribution],
+                          exemplars=list(ev.exemplars),
                           records_from_seq=int(self._audit_seq_of[first % w]) if known else None,
                           records_to_seq=int(self._audit_seq_of[ev.at_record % w]),
                           note=None if known else "the window began before this writer started (a restart)")
