@@ -291,6 +291,74 @@ def gate(
     raise typer.Exit(0 if report["passed"] else 1)
 
 
+@app.command()
+def explain(
+    texts: Path = typer.Argument(..., help="the alarmed window's requests: JSONL or CSV with a text field"),
+    baseline: Path = typer.Option(..., help="the baseline the sidecar ran with"),
+    probes: Path = typer.Option(None, help="the probe folder the sidecar ran with (if the baseline has probes)"),
+    model: str = typer.Option("smollm2", help="the model the sidecar watched: smollm2, minilm or a folder"),
+    detector: str = typer.Option(None, help="default: the detector most over its threshold on this window"),
+    budget: int = typer.Option(5000, min=1, help="forward passes of one text, at most"),
+    layers_back: int = typer.Option(2, min=0, help="also ablate components of this many layers before the site"),
+    ablation: str = typer.Option("zero", help="zero, or mean (the component's mean output over --reference)"),
+    reference: Path = typer.Option(None, help="texts like the baseline's traffic, for --ablation mean"),
+    text_field: str = typer.Option("text", help="the field holding the text"),
+    max_length: int = typer.Option(128, min=1, help="tokens per text, as the tap truncated them"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+) -> None:
+    """Which attention heads and MLPs an alarm rests on: ablate each near the alarmed site and re-measure."""
+    require("train", "torch", "transformers")
+    from collectors import models
+    from monitor.analysis.baseline import Baseline
+    from monitor.ops.explain import ExplainError
+    from monitor.ops.explain import explain as run_explain
+    from monitor.probes.concepts import SourceSpec
+    from monitor.probes.probe import ProbeSet
+
+    def read(path: Path) -> list[str]:
+        try:
+            return [t.text for t in SourceSpec(source="file", path=str(path), text_field=text_field).load()]
+        except ValueError as exc:
+            fail(str(exc))
+
+    base = Baseline.load(baseline)
+    probe_set = ProbeSet.load_dir(probes, fingerprint=base.fingerprint) if probes else None
+    base.check_probes(probe_set)
+    window = read(texts)
+    ref = read(reference) if reference else None
+    lm = models.load(model)
+    try:
+        result = run_explain(lm, window, base, probe_set, detector=detector, budget=budget, layers_back=layers_back,
+                             ablation=ablation, reference_texts=ref, max_length=max_length)
+    except ExplainError as exc:
+        fail(str(exc))
+    if as_json:
+        print(json.dumps(result))
+        return
+    console.print(f"{result['detector']} on {result['window']} texts: statistic {result['statistic']:.4g}, "
+                  f"{result['ratio']:.2f}x its threshold ({'in alarm' if result['in_alarm'] else 'not in alarm'}); "
+                  f"{result['ablation']}-ablated {result['components_tried']} of {result['components_near_site']} "
+                  f"components of layers {result['layers']}", highlight=False)
+    table = Table(title="what the statistic does with one component ablated (interventional)")
+    for col in ("component", "ratio after", "change", "concept score change"):
+        table.add_column(col, justify="left" if col in ("component", "concept score change") else "right")
+    for r in result["singles"][:10]:
+        moved = ", ".join(f"{k} {v:+.3f}" for k, v in sorted(r["concept_change"].items(), key=lambda kv: -abs(kv[1]))
+                          [:2])
+        table.add_row(r["component"], f"{r['ratio']:.2f}", f"{r['change']:+.2f}", moved)
+    console.print(table)
+    if result["pairs"]:
+        console.print("pairs whose joint effect differs most from the sum of their single effects:")
+        for p in result["pairs"][:5]:
+            console.print(f"  {' + '.join(p['components'])}: ratio {p['ratio']:.2f}, interaction "
+                          f"{p['interaction']:+.2f}", highlight=False)
+    if result["restoring"]:
+        console.print(f"ablating any one of these brings the window under the threshold: "
+                      f"{', '.join(result['restoring'])}", highlight=False)
+    console.print(f"{result['forward_passes']} forward passes (budget {result['budget']}), {result['seconds']:.0f} s. "
+                  f"{result['caveat']}", highlight=False)
+
+
 probes_app = typer.Typer(help="Train, evaluate and inspect concept probes.", no_args_is_help=True)
 app.add_typer(probes_app, name="probes")
 

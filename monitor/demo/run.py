@@ -145,6 +145,8 @@ def run_demo(model: str, out: Path, sample_rate: float, quick: bool, console: Co
     file_sink = FileSink(out / "live.lwsr", max_bytes=None)  # one file for replay and the report
     served = 0
     alarms: list[dict[str, Any]] = []
+    analyzed_texts: list[str] = []  # the text of each analyzed record, in order: the alarmed window's requests
+    window_file: Path | None = None
     lm.tokenizer.padding_side = "left"
     tap = Tap(lm.model, sites, sink=queue_sink, sample_rate=sample_rate, model_name=lm.name,
               metadata={"replica": "demo-0"}, salt=b"latentwatch-demo").attach()  # reproducible demo sampling
@@ -160,12 +162,17 @@ def run_demo(model: str, out: Path, sample_rate: float, quick: bool, console: Co
                 tap.flush()
                 served += len(batch)
                 recs = queue_sink.drain()
+                text_of = {tap.sampler.hashed_key(k): t for k, (t, _) in zip(keys, batch, strict=True)}
                 for rec in recs:
                     file_sink.write(rec)
+                    analyzed_texts.append(text_of.get(rec.key, ""))
                 for event in sidecar.ingest(recs):
                     alarms.append({"detector": event.detector, "at_record": event.at_record,
                                    "after_shift": event.at_record - shift_at, "statistic": event.statistic,
-                                   "threshold": event.threshold, "attribution": event.attribution})
+                                   "threshold": event.threshold, "attribution": event.attribution,
+                                   "farthest_records": event.exemplars})
+                    if window_file is None and event.at_record > shift_at:  # for `latentwatch explain`
+                        window_file = _write_window(out, analyzed_texts[:event.at_record][-window:], event.detector)
                 view.update(_table(analyzer, served, shift_at))
                 if not console.is_terminal and (served % 60 < len(batch) or served == len(live)):
                     in_alarm = [st.slot.name for st in analyzer.states if st.alarm]
@@ -215,7 +222,24 @@ def run_demo(model: str, out: Path, sample_rate: float, quick: bool, console: Co
     (out / "alarms.json").write_text(json.dumps(alarms, indent=1))
     config_path = write_sidecar_config(out)
     console.print(f"serve these artifacts with: latentwatch serve -c {config_path}")
+    if window_file is not None:
+        first = alarms_after_first(alarms, shift_at)
+        console.print(f"explain the first alarm after the shift (ablates attention heads and MLPs, a few minutes): "
+                      f"latentwatch explain {window_file} --baseline {out / 'baseline.safetensors'} "
+                      f"--probes {out / 'probes'} --max-length {MAX_TOKENS} --detector {first}",
+                      markup=False, highlight=False, soft_wrap=True)
     return summary
+
+
+def _write_window(out: Path, texts: list[str], detector: str) -> Path:
+    """The requests of an alarmed window, one JSON line each (the demo's own texts: it has them)."""
+    path = out / "alarm-window.jsonl"
+    path.write_text("".join(json.dumps({"text": t, "detector": detector}) + "\n" for t in texts), encoding="utf-8")
+    return path
+
+
+def alarms_after_first(alarms: list[dict[str, Any]], shift_at: int) -> str:
+    return next(a["detector"] for a in alarms if a["at_record"] > shift_at)
 
 
 def write_sidecar_config(out: Path) -> Path:
