@@ -218,6 +218,8 @@ def report(
     probes: Path = typer.Option(None, help="folder of *.probe.json the baseline was built with"),
     shift_at: int = typer.Option(None, help="record index of a known shift (drawn on the plots)"),
     out: Path = typer.Option(Path("report.html"), help="HTML file to write"),
+    explanation: list[Path] = typer.Option(None, "--explain", help="`latentwatch explain --json` output to include "
+                                           "(repeatable)"),
 ) -> None:
     """Write the HTML drift report for a recorded stream against a baseline."""
     require("report", "matplotlib")
@@ -229,7 +231,13 @@ def report(
     try:
         base = Baseline.load(baseline)
         probe_set = ProbeSet.load_dir(probes, fingerprint=base.fingerprint) if probes else None
-        write_report(out, list(read_file(records)), base, probe_set, shift_at=shift_at)
+        explained = []
+        for path in explanation or []:
+            try:
+                explained.append(json.loads(path.read_text(encoding="utf-8")))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+                fail(f"{path}: not the JSON output of `latentwatch explain --json`: {exc}")
+        write_report(out, list(read_file(records)), base, probe_set, shift_at=shift_at, explanations=explained)
     except (BaselineError, ProbeError) as exc:
         fail(str(exc))
     console.print(f"wrote {out}")

@@ -88,3 +88,18 @@ def test_window_keys_survive_a_checkpoint():
     b = Analyzer(base, probes(), log_alarms=False)
     b.load_state_dict(meta, arrays)
     assert list(b._keys) == list(a._keys) and "k59" in set(b._keys)
+
+
+def test_baseline_keeps_exemplars_along_each_principal_direction(tmp_path):
+    config = AnalyzerConfig(window=50, stride=10, false_alarm_every=2000, pca_components=6)
+    recs = _records_with_a_loud_direction(1500, np.random.default_rng(0))
+    for i, r in enumerate(recs):
+        r.key = f"b{i}"
+    base = Baseline.build(recs, probes(), config)
+    pc1 = base.info["direction_exemplars"]["layers.2.resid"]["pc1"]
+    values = {r.key: r.sites["layers.2.resid"]["mean"][0] for r in recs}
+    top = sorted(values, key=values.get)
+    # the loud direction is dimension 0 (up to sign): its extremes are the records with the extreme values
+    assert {tuple(pc1["up"]), tuple(pc1["down"])} == {tuple(top[::-1][:3]), tuple(top[:3])}
+    assert Baseline.load(base.save(tmp_path / "b.safetensors")).info["direction_exemplars"] == \
+        base.info["direction_exemplars"]

@@ -42,3 +42,23 @@ def test_report_lists_alarms_after_a_shift_with_their_time(baseline):
     assert n_alarms >= 1 and rows.count("<tr><td>") == n_alarms
     assert "True shift at record 300; alarms before it: 0." in page
     assert page.count('<img class="plot"') == 3  # statistics, concept hit share over time, score histograms
+
+
+def test_report_includes_explanations_and_refuses_malformed_ones(baseline):
+    rng = np.random.default_rng(6)
+    live = make_records(120, rng) + make_records(120, rng, act_shift=1.0)
+    explanation = {"detector": "meanshift:layers.2.resid", "window": 100, "ratio": 3.1, "ablation": "zero",
+                   "components_tried": 2, "layers": [1, 2], "forward_passes": 300,
+                   "restoring": ["layers.2.attn head 1"],
+                   "singles": [{"component": "layers.2.attn head 1", "ratio": 0.8, "change": -2.3,
+                                "concept_change": {"injection": -0.1}},
+                               {"component": "<b>layers.2.mlp</b>", "ratio": 3.0, "change": -0.1,
+                                "concept_change": {}}],
+                   "pairs": [], "caveat": "interventional"}
+    page = build_report(live, baseline, probes(), shift_at=120, explanations=[explanation])
+    section = page.split("<h2>Explanation: meanshift:layers.2.resid (interventional)</h2>")[1]
+    assert "layers.2.attn head 1" in section and "injection -0.100" in section
+    assert "<b>layers.2.mlp" not in section and "&lt;b&gt;layers.2.mlp" in section
+    assert "brings it under the threshold: layers.2.attn head 1" in section
+    with pytest.raises(ValueError, match="explain --json"):
+        build_report(live, baseline, probes(), explanations=[{"detector": "x"}])

@@ -115,8 +115,10 @@ class Baseline:
         except grouping.GroupError as exc:
             raise BaselineError(str(exc)) from exc
         sig = signals.extract(records, shapes, probes)
-        return cls.from_signals(sig, group_ids, shapes, probes, config, model=first.model,
+        base = cls.from_signals(sig, group_ids, shapes, probes, config, model=first.model,
                                 fingerprint=first.fingerprint)
+        base.info["direction_exemplars"] = naming.direction_exemplars(base.slots, sig, [r.key for r in records])
+        return base
 
     @classmethod
     def from_signals(cls, sig: dict[str, np.ndarray], group_ids: np.ndarray, shapes: dict[str, signals.SiteShape],

@@ -59,3 +59,29 @@ def directions_of(detector: object) -> tuple[np.ndarray, np.ndarray] | None:
     if hasattr(detector, "components_") and hasattr(detector, "sd_"):
         return detector.components_, detector.sd_
     return None
+
+
+def direction_exemplars(slots: list, sig: dict[str, np.ndarray], keys: list[str], top: int = 3
+                        ) -> dict[str, dict[str, dict[str, list[str]]]]:
+    """Per site and principal direction, the hashed keys of the baseline records farthest along it each way:
+    ``{site: {"pc3": {"up": [...], "down": [...]}}}``. Look them up where the requests are kept (the audit
+    trail, the application's logs) to see what a direction means in text."""
+    out: dict[str, dict[str, dict[str, list[str]]]] = {}
+    for slot in slots:
+        site = slot.family.split(":", 1)[1] if slot.family.startswith("act:") else None
+        found = directions_of(slot.detector)
+        if site is None or site in out or found is None or not slot.components[:1] \
+                or not slot.components[0].startswith("pc"):
+            continue
+        v = np.asarray(found[0], dtype=np.float64)
+        x = np.asarray(sig[slot.family], dtype=np.float64)
+        z = (x - x.mean(axis=0)) @ v[: len(slot.components)].T
+        site_out: dict[str, dict[str, list[str]]] = {}
+        for j, name in enumerate(slot.components):
+            if not name.startswith("pc") or j >= z.shape[1]:
+                continue
+            order = np.argsort(z[:, j], kind="stable")
+            site_out[name.split(" ", 1)[0]] = {"up": [keys[i] for i in order[::-1][:top]],
+                                               "down": [keys[i] for i in order[:top]]}
+        out[site] = site_out
+    return out

@@ -52,7 +52,8 @@ def time_axis(ts: np.ndarray) -> tuple[np.ndarray, str]:
 
 
 def build_report(records: Sequence[Record], baseline: Baseline, probes: ProbeSet | None,
-                 shift_at: int | None = None, title: str = "latentwatch drift report") -> str:
+                 shift_at: int | None = None, title: str = "latentwatch drift report",
+                 explanations: Sequence[dict] = ()) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -172,9 +173,18 @@ def build_report(records: Sequence[Record], baseline: Baseline, probes: ProbeSet
                 f"{ratio:.2f}: {'OUT OF DOMAIN, scores not trustworthy' if ratio > 1 else 'in domain'}")
             rate_rows += (f"<tr><td>{html.escape(c)}</td><td>{base_rates.get(c, float('nan')):.3f}</td>"
                           f"<td>{before:.3f}</td><td>{after:.3f}</td><td>{verdict}</td></tr>")
-    ranking_rows = "".join(f"<tr><td>{html.escape(d)}</td><td>{html.escape(c)}</td><td>{v:+.3g}</td></tr>"
-                           for d, c, v in analyzer.ranking(top=12))
+    examples = baseline.info.get("direction_exemplars", {})
+
+    def along(detector: str, component: str, value: float) -> str:
+        """Baseline records farthest along a principal direction, on the side the window moved to."""
+        site = detector.split(":", 1)[1] if ":" in detector else ""
+        keys = examples.get(site, {}).get(component.split(" ", 1)[0], {}).get("up" if value >= 0 else "down", [])
+        return html.escape(", ".join(keys))
+
+    ranking_rows = "".join(f"<tr><td>{html.escape(d)}</td><td>{html.escape(c)}</td><td>{v:+.3g}</td>"
+                           f"<td>{along(d, c, v)}</td></tr>" for d, c, v in analyzer.ranking(top=12))
     cal = baseline.info.get("calibration", {})
+    explained = "".join(explanation_html(x) for x in explanations)
     figures = "".join(f'<h2>{html.escape(t)}</h2><img class="plot" alt="{html.escape(t)}" src="{src}">'
                       for t, src in sections)
     false_before = sum(1 for e in events if shift_at is not None and e.at_record <= shift_at)
@@ -193,14 +203,42 @@ window {baseline.config.window}, stride {baseline.config.stride}; false-alarm bu
 <th>threshold</th><th>moved most</th><th>farthest records (hashed keys)</th></tr>{alarm_rows}</table>
 <h2>What moved most at the end of the stream</h2><p>Detectors in alarm, ranked by statistic / threshold;
 per detector its largest components (concept, attention head and statistic, principal direction).</p>
-<table><tr><th>detector</th><th>component</th><th>contribution</th></tr>{ranking_rows}</table>
+<table><tr><th>detector</th><th>component</th><th>contribution</th><th>baseline records farthest that way
+(hashed keys)</th></tr>{ranking_rows}</table>
 <h2>Concept rates (share above threshold)</h2><table><tr><th>concept</th><th>baseline</th><th>before</th>
 <th>after</th><th>probe validity at the end (ratio; above 1: traffic unlike the probe's held-out sources)</th>
 </tr>{rate_rows}</table>
+{explained}
 <p><i>{html.escape(CAVEAT)}</i></p></body></html>"""
 
 
+def explanation_html(x: dict) -> str:
+    """One ``latentwatch explain --json`` result as a section: the components whose ablation moved the
+    statistic most, and the strongest interactions (interventional evidence, labelled as such)."""
+    e = html.escape
+    try:
+        def concepts(r: dict) -> str:
+            return e(", ".join(f"{k} {float(v):+.3f}" for k, v in r.get("concept_change", {}).items()))
+
+        rows = "".join(f"<tr><td>{e(str(r['component']))}</td><td>{float(r['ratio']):.2f}</td>"
+                       f"<td>{float(r['change']):+.2f}</td><td>{concepts(r)}</td></tr>" for r in x["singles"][:10])
+        pairs = "".join(f"<li>{e(' + '.join(map(str, p['components'])))}: ratio {float(p['ratio']):.2f}, "
+                        f"interaction {float(p['interaction']):+.2f}</li>" for p in x.get("pairs", [])[:5])
+        head = (f"{e(str(x['detector']))} on a window of {int(x['window'])} texts: {float(x['ratio']):.2f}x its "
+                f"threshold; {e(str(x['ablation']))}-ablated {int(x['components_tried'])} components of layers "
+                f"{e(str(x['layers']))}, {int(x['forward_passes'])} forward passes")
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"not the JSON output of `latentwatch explain --json`: missing or bad {exc}") from exc
+    restoring = ", ".join(map(str, x.get("restoring", [])))
+    return (f"<h2>Explanation: {e(str(x['detector']))} (interventional)</h2><p>{head}. "
+            f"{'Ablating any one of these brings it under the threshold: ' + e(restoring) + '.' if restoring else ''}"
+            f"</p><table><tr><th>component ablated</th><th>statistic / threshold after</th><th>change</th>"
+            f"<th>concept score change</th></tr>{rows}</table>"
+            + (f"<p>Pairs whose joint effect differs most from the sum of their single effects:</p><ul>{pairs}</ul>"
+               if pairs else "") + f"<p><i>{e(str(x.get('caveat', '')))}</i></p>")
+
+
 def write_report(path: Path, records: Sequence[Record], baseline: Baseline, probes: ProbeSet | None,
-                 shift_at: int | None = None) -> Path:
-    path.write_text(build_report(records, baseline, probes, shift_at), encoding="utf-8")
+                 shift_at: int | None = None, explanations: Sequence[dict] = ()) -> Path:
+    path.write_text(build_report(records, baseline, probes, shift_at, explanations=explanations), encoding="utf-8")
     return path
