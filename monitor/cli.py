@@ -360,6 +360,14 @@ def explain(
         for p in result["pairs"][:5]:
             console.print(f"  {' + '.join(p['components'])}: ratio {p['ratio']:.2f}, interaction "
                           f"{p['interaction']:+.2f}", highlight=False)
+    if not result["statistic_moved"]:
+        console.print("no single ablation moved the statistic by 1 % of its threshold: the shift does not run "
+                      "through one of these components"
+                      + (f"; ranked by the change of {result['concept']}'s score instead" if result["concept"] else ""),
+                      highlight=False)
+    if result["restoring_pairs"]:
+        console.print("ablating both of a pair brings the window under the threshold: "
+                      + "; ".join(" + ".join(p) for p in result["restoring_pairs"]), highlight=False)
     if result["restoring"]:
         console.print(f"ablating any one of these brings the window under the threshold: "
                       f"{', '.join(result['restoring'])}", highlight=False)

@@ -57,7 +57,7 @@ def test_explain_finds_the_head_that_was_made_loud(smollm2, setup, loud_head):
     assert result["singles"][0]["component"] == f"layers.{LAYER}.attn head {HEAD}"
     assert result["singles"][0]["ratio"] < 1.0 and f"layers.{LAYER}.attn head {HEAD}" in result["restoring"]
     assert result["components_tried"] == len(components_near(smollm2.model, 9)) == 30
-    assert result["forward_passes"] <= result["budget"] and result["pairs"]
+    assert result["forward_passes"] <= result["budget"] and result["pairs"] and result["statistic_moved"]
 
 
 def test_explain_keeps_to_its_budget_and_leaves_the_model_as_it_was(smollm2, setup):
@@ -91,3 +91,22 @@ def test_explain_cli_prints_json(setup, tmp_path):
     assert result.exit_code == 0, result.output
     body = json.loads(result.stdout[result.stdout.index("{"):])
     assert body["evidence"]["singles"].startswith("interventional") and body["components_tried"] == 4
+
+
+def test_explain_on_the_demo_alarm_ablates_around_the_probe_of_the_concept_that_moved(smollm2, demo_run):
+    """The demo writes its first alarmed window; a detector on probe scores is explained at the site of the
+    probe whose concept moved."""
+    from monitor.probes.probe import ProbeSet
+
+    out, result = demo_run
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (out / "alarm-window.jsonl").read_text().splitlines()]
+    baseline = Baseline.load(out / "baseline.safetensors")
+    probes = ProbeSet.load_dir(out / "probes", fingerprint=baseline.fingerprint)
+    assert len(rows) == baseline.config.window and "latentwatch explain" in " ".join(result.output.split())
+    got = explain(smollm2, [r["text"] for r in rows], baseline, probes, detector=rows[0]["detector"],
+                  max_length=48, budget=baseline.config.window * 4)
+    if rows[0]["detector"].endswith(":scores"):
+        site = next(p.site for p in probes.probes if p.concept == got["concept"])
+        assert got["layers"][-1] == int(site.split(".")[1])
+    assert got["components_tried"] == 3 and all("prompt_injection" in r["concept_change"] for r in got["singles"])

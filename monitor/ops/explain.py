@@ -29,6 +29,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from monitor.analysis import signals
 from monitor.analysis.baseline import Baseline
 from monitor.probes.probe import ProbeSet
@@ -185,8 +187,9 @@ def component_means(lm: Any, texts: list[str], components: Sequence[Component], 
 
 
 def window_view(lm: Any, texts: list[str], baseline: Baseline, probes: ProbeSet | None, max_length: int
-                ) -> tuple[dict[str, float], dict[str, float]]:
-    """Each detector's statistic on the window of ``texts`` and each concept's mean score."""
+                ) -> tuple[dict[str, float], dict[str, float], dict[str, Any]]:
+    """Each detector's statistic on the window of ``texts``, each concept's mean score, and each detector's
+    components (what moved, in the detector's own view)."""
     from monitor.probes.activations import run_texts
 
     sampling_log = logging.getLogger("collectors.sampling")  # every run's tap would warn about its salt
@@ -197,20 +200,23 @@ def window_view(lm: Any, texts: list[str], baseline: Baseline, probes: ProbeSet 
     finally:
         sampling_log.setLevel(level)
     sig = signals.extract(records, baseline.shapes, probes)
-    stats = {}
+    stats, moved = {}, {}
     for slot in baseline.slots:
         rows = slot.detector.transform(sig[slot.family])
         stats[slot.name] = float(slot.detector.statistic(rows[None])[0])
+        moved[slot.name] = np.asarray(slot.detector.components(rows), dtype=np.float64)
     scores = {c: float(v) for c, v in zip(probes.concepts, sig["scores"].mean(axis=0), strict=True)} if probes else {}
-    return stats, scores
+    return stats, scores, moved
 
 
-def _layer_of(family: str, probes: ProbeSet | None) -> int:
+def _layer_of(family: str, probes: ProbeSet | None, concept: str | None) -> int:
+    """The layer whose components are ablated: the detector's site, or the site of the probe of the concept
+    that moved most (detectors on probe scores)."""
     if ":" in family:
         return int(family.split(":", 1)[1].split(".")[1])
     if probes is None:
         raise ExplainError("the detector reads probe scores but no probes were given")
-    return max(int(p.site.split(".")[1]) for p in probes.probes)
+    return next(int(p.site.split(".")[1]) for p in probes.probes if p.concept == concept)
 
 
 def explain(lm: Any, texts: list[str], baseline: Baseline, probes: ProbeSet | None, *, detector: str | None = None,
@@ -229,7 +235,7 @@ def explain(lm: Any, texts: list[str], baseline: Baseline, probes: ProbeSet | No
                            "alarmed window")
     texts = texts[-baseline.config.window:]
     slots = {s.name: s for s in baseline.slots}
-    stats, scores = window_view(lm, texts, baseline, probes, max_length)
+    stats, scores, moved = window_view(lm, texts, baseline, probes, max_length)
     passes = len(texts)
     if detector is None:  # the detector most over its threshold on this window
         detector = max(slots, key=lambda n: stats[n] / slots[n].threshold if slots[n].threshold > 0 else 0.0)
@@ -237,7 +243,11 @@ def explain(lm: Any, texts: list[str], baseline: Baseline, probes: ProbeSet | No
         raise ExplainError(f"no detector {detector!r} in this baseline; it has: {', '.join(slots)}")
     slot = slots[detector]
     threshold = slot.threshold
-    comps = components_near(lm.model, _layer_of(slot.family, probes), layers_back)
+    concept, up = None, True  # detectors on probe scores: the concept that moved most, and which way
+    if slot.family == "scores" and len(moved[detector]):
+        j = int(np.argmax(np.abs(moved[detector])))
+        concept, up = slot.components[j].split(" ", 1)[0], bool(moved[detector][j] >= 0)
+    comps = components_near(lm.model, _layer_of(slot.family, probes, concept), layers_back)
     means = None
     if ablation == "mean":
         if not reference_texts:
@@ -249,19 +259,23 @@ def explain(lm: Any, texts: list[str], baseline: Baseline, probes: ProbeSet | No
 
     def effect(group: Sequence[Component]) -> tuple[float, dict[str, float]]:
         with ablated(lm.model, group, means):
-            s, c = window_view(lm, texts, baseline, probes, max_length)
+            s, c, _ = window_view(lm, texts, baseline, probes, max_length)
         return s[detector], c
 
     singles = []
     for comp in comps:
         if passes + len(texts) > budget:
             break
-        value, concept = effect([comp])
+        value, ablated_scores = effect([comp])
         passes += len(texts)
         singles.append({"component": comp.name, "statistic": value, "ratio": value / threshold,
                         "change": (value - stats[detector]) / threshold,
-                        "concept_change": {k: round(concept[k] - scores[k], 4) for k in scores}, "_comp": comp})
-    singles.sort(key=lambda r: r["change"])
+                        "concept_change": {k: round(ablated_scores[k] - scores[k], 4) for k in scores},
+                        "_comp": comp})
+    # by the change of the statistic; ties (a saturated rank statistic does not move) by how far the ablation
+    # takes the moved concept's mean score back towards the baseline
+    singles.sort(key=lambda r: (round(r["change"], 2),
+                                (r["concept_change"].get(concept, 0.0) * (1 if up else -1)) if concept else 0.0))
     pairs = []
     strongest = [r for r in sorted(singles, key=lambda r: -abs(r["change"]))][:top_pairs]
     for i in range(len(strongest)):
@@ -282,13 +296,17 @@ def explain(lm: Any, texts: list[str], baseline: Baseline, probes: ProbeSet | No
     for r in pairs:
         for k in ("ratio", "change", "interaction"):
             r[k] = round(float(r[k]), 4)
-    restoring = [r["component"] for r in singles if r["ratio"] <= 1.0 < stats[detector] / threshold]
+    alarmed = stats[detector] > threshold
+    restoring = [r["component"] for r in singles if alarmed and r["ratio"] <= 1.0]
+    restoring_pairs = [r["components"] for r in pairs if alarmed and r["ratio"] <= 1.0]
     return {
         "detector": detector, "threshold": round(threshold, 6), "statistic": round(stats[detector], 6),
         "ratio": round(stats[detector] / threshold, 4), "in_alarm": stats[detector] > threshold,
         "window": len(texts), "ablation": ablation, "layers": sorted({c.layer for c in comps}),
+        "concept": concept,
+        "statistic_moved": any(abs(r["change"]) >= 0.01 for r in singles),
         "components_tried": len(singles), "components_near_site": len(comps),
-        "singles": singles, "pairs": pairs[:10], "restoring": restoring,
+        "singles": singles, "pairs": pairs[:10], "restoring": restoring, "restoring_pairs": restoring_pairs,
         "concept_scores": {k: round(v, 4) for k, v in scores.items()},
         "all_detectors": {n: round(stats[n] / slots[n].threshold, 4) for n in slots if slots[n].threshold > 0},
         "forward_passes": passes, "budget": budget, "seconds": round(time.perf_counter() - t0, 1),
