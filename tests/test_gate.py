@@ -139,7 +139,7 @@ def test_score_changes_compare_rates_means_and_ranks():
 
 @pytest.fixture(scope="module")
 def drift_baseline():
-    config = AnalyzerConfig(window=50, stride=10, false_alarm_every=40_000, pca_components=4, group_by="record")
+    config = AnalyzerConfig(window=50, stride=10, false_alarm_every=4000, pca_components=4, group_by="record")
     records = make_records(400, np.random.default_rng(1))
     return records, Baseline.build(records, None, config)
 

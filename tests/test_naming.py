@@ -4,11 +4,14 @@ heads, and detectors that attribute each in their own way."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from monitor.analysis.analyzer import Analyzer
 from monitor.analysis.baseline import AnalyzerConfig, Baseline
 from monitor.analysis.detectors import MMD, MeanShift
 from tests.test_analyzer import make_records, probes
+
+pytestmark = pytest.mark.slow  # builds several baselines
 
 
 def _records_with_a_loud_direction(n, rng, shift=0.0):
