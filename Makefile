@@ -10,11 +10,11 @@ setup:
 demo: setup
 	$(VENV)/latentwatch demo
 
-# everything: real models, servers, brokers (~13 min on 2 cores); what CI (.ci/run) runs
+# everything: real models, servers, brokers (~18 min on 2 cores); what CI (.ci/run) runs
 test: setup lint
 	$(VENV)/python -m pytest -q
 
-# unit tests only (no real weights, servers, subprocesses or slow tests): under a minute; run it while editing
+# unit tests only (no real weights, servers, subprocesses or slow tests): ~85 s here; run it while editing
 test-fast: setup
 	$(VENV)/python -m pytest -q -m "not model and not integration and not slow"
 
