@@ -225,7 +225,7 @@ def report(
     require("report", "matplotlib")
     from collectors.sinks import read_file
     from monitor.analysis.baseline import Baseline, BaselineError
-    from monitor.ops.report import write_report
+    from monitor.ops.report import explanation_html, write_report
     from monitor.probes.probe import ProbeError, ProbeSet
 
     try:
@@ -234,9 +234,11 @@ def report(
         explained = []
         for path in explanation or []:
             try:
-                explained.append(json.loads(path.read_text(encoding="utf-8")))
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+                body = json.loads(path.read_text(encoding="utf-8"))
+                explanation_html(body)  # checked now, not after the records are read and plotted
+            except (OSError, UnicodeDecodeError, ValueError, TypeError, AttributeError) as exc:
                 fail(f"{path}: not the JSON output of `latentwatch explain --json`: {exc}")
+            explained.append(body)
         write_report(out, list(read_file(records)), base, probe_set, shift_at=shift_at, explanations=explained)
     except (BaselineError, ProbeError) as exc:
         fail(str(exc))
@@ -287,6 +289,9 @@ def gate(
         loaded = load_suite(suite)
         if previous is not None:
             load_report(previous)  # before the long run: a wrong path fails in a second, not after training
+            if out.resolve() == previous.resolve().parent:
+                fail(f"--out {out} is the previous release's folder: this run would overwrite the baseline it "
+                     "compares with; write to another folder")
         report = run_gate(loaded, model, out, previous=previous, strict=strict, progress=not as_json,
                           console=None if as_json else err_console)
     except (SuiteError, GateError) as exc:

@@ -267,3 +267,19 @@ def test_ci_example_is_a_workflow_calling_the_gate_with_options_it_has():
     help_text = runner.invoke(app, ["gate", "--help"], terminal_width=200).output
     for option in re.findall(r"(--[a-z-]+)", call.split("latentwatch gate", 1)[1]):
         assert option in help_text, option
+
+
+def test_cli_refuses_to_write_over_the_previous_release(tmp_path):
+    body = {"format": gate.FORMAT, "version": gate.REPORT_VERSION, "passed": True, "checks": []}
+    body["sha256"] = gate.checksum(body)
+    (tmp_path / "report.json").write_text(json.dumps(body))
+    result = runner.invoke(app, ["gate", "--model", "smollm2", "--suite", "builtin:smollm2",
+                                 "--previous", str(tmp_path / "report.json"), "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "would overwrite the baseline" in result.output
+
+
+def test_a_constant_concept_score_gives_a_report_without_nan():
+    before = {"thresholds": {"c": 0.8}, "per_prompt": {"c": [0.1] * 50}}
+    result = gate.score_changes(before, before, ScoreBounds())
+    assert result.status == "fail" and result.details["c"]["spearman"] is None  # not measurable: fails, no NaN
+    json.dumps(vars(result.figures[-1]), allow_nan=False)

@@ -99,10 +99,22 @@ def test_baseline_keeps_exemplars_along_each_principal_direction(tmp_path):
     for i, r in enumerate(recs):
         r.key = f"b{i}"
     base = Baseline.build(recs, probes(), config)
-    pc1 = base.info["direction_exemplars"]["layers.2.resid"]["pc1"]
+    pc1 = base.info["direction_exemplars"]["meanshift:layers.2.resid"]["pc1"]
     values = {r.key: r.sites["layers.2.resid"]["mean"][0] for r in recs}
     top = sorted(values, key=values.get)
     # the loud direction is dimension 0 (up to sign): its extremes are the records with the extreme values
     assert {tuple(pc1["up"]), tuple(pc1["down"])} == {tuple(top[::-1][:3]), tuple(top[:3])}
     assert Baseline.load(base.save(tmp_path / "b.safetensors")).info["direction_exemplars"] == \
         base.info["direction_exemplars"]
+
+
+def test_rate_exemplars_are_records_that_hit_even_when_most_do():
+    config = AnalyzerConfig(window=50, stride=10, false_alarm_every=2000, pca_components=6)
+    base = Baseline.build(make_records(1500, np.random.default_rng(0)), probes(), config)
+    live = make_records(50, np.random.default_rng(5), concept_shift=8.0)  # nearly every record hits injection
+    for i, r in enumerate(live):
+        r.key = f"r{i}"
+    live[7].sites["layers.2.resid"]["mean"][0] = -9.0  # one that does not
+    analyzer = Analyzer(base, probes(), log_alarms=False)
+    rate = [e for e in analyzer.update(live) if e.detector == "rate:scores"]
+    assert rate and "r7" not in rate[0].exemplars and len(rate[0].exemplars) == 3

@@ -267,7 +267,10 @@ class Analyzer:
             z = buf[:, det.features:] if kind == "mmd" else buf
             d = z.mean(axis=0)
             score = z @ (d / (np.linalg.norm(d) or 1.0))
-        else:  # rate and the univariate tests: the component that moved most
+        elif kind == "rate":  # the records hitting the concept that surged most
+            j = int(np.argmax(np.asarray(det.components(st.buffer), dtype=np.float64)))
+            score = buf[:, j]
+        else:  # the univariate tests: the component that moved most
             j = int(np.argmax(np.abs(np.asarray(det.components(st.buffer), dtype=np.float64))))
             col = buf[:, j]
             ref = getattr(det, "reference_", None)

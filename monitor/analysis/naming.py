@@ -63,14 +63,14 @@ def directions_of(detector: object) -> tuple[np.ndarray, np.ndarray] | None:
 
 def direction_exemplars(slots: list, sig: dict[str, np.ndarray], keys: list[str], top: int = 3
                         ) -> dict[str, dict[str, dict[str, list[str]]]]:
-    """Per site and principal direction, the hashed keys of the baseline records farthest along it each way:
-    ``{site: {"pc3": {"up": [...], "down": [...]}}}``. Look them up where the requests are kept (the audit
-    trail, the application's logs) to see what a direction means in text."""
+    """Per detector and principal direction (each detector's own basis and sign), the hashed keys of the
+    baseline records farthest along it each way: ``{"meanshift:layers.19.resid": {"pc3": {"up": [...],
+    "down": [...]}}}``. Look them up where the requests are kept (the audit trail, the application's logs)
+    to see what a direction means in text."""
     out: dict[str, dict[str, dict[str, list[str]]]] = {}
     for slot in slots:
-        site = slot.family.split(":", 1)[1] if slot.family.startswith("act:") else None
         found = directions_of(slot.detector)
-        if site is None or site in out or found is None or not slot.components[:1] \
+        if not slot.family.startswith("act:") or found is None or not slot.components[:1] \
                 or not slot.components[0].startswith("pc"):
             continue
         v = np.asarray(found[0], dtype=np.float64)
@@ -83,5 +83,5 @@ def direction_exemplars(slots: list, sig: dict[str, np.ndarray], keys: list[str]
             order = np.argsort(z[:, j], kind="stable")
             site_out[name.split(" ", 1)[0]] = {"up": [keys[i] for i in order[::-1][:top]],
                                                "down": [keys[i] for i in order[:top]]}
-        out[site] = site_out
+        out[slot.name] = site_out
     return out

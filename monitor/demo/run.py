@@ -165,8 +165,10 @@ def run_demo(model: str, out: Path, sample_rate: float, quick: bool, console: Co
                 text_of = {tap.sampler.hashed_key(k): t for k, (t, _) in zip(keys, batch, strict=True)}
                 for rec in recs:
                     file_sink.write(rec)
-                    analyzed_texts.append(text_of.get(rec.key, ""))
-                for event in sidecar.ingest(recs):
+                events = sidecar.ingest(recs)  # one analyzer batch: last_outcomes covers every record of it
+                analyzed_texts += [text_of.get(rec.key, "") for rec, outcome in
+                                   zip(recs, analyzer.last_outcomes, strict=True) if outcome is None]
+                for event in events:
                     alarms.append({"detector": event.detector, "at_record": event.at_record,
                                    "after_shift": event.at_record - shift_at, "statistic": event.statistic,
                                    "threshold": event.threshold, "attribution": event.attribution,

@@ -74,8 +74,9 @@ class CheckResult:
 
 def figure(name: str, value: float | None, bound: float, op: str, note: str = "") -> Figure:
     """A figure and its bound; a missing value (not measurable) fails."""
-    ok = value is not None and np.isfinite(value) and (value >= bound if op == ">=" else value <= bound)
-    return Figure(name, None if value is None else round(float(value), 4), bound, op, bool(ok), note)
+    finite = value is not None and bool(np.isfinite(value))
+    ok = finite and (value >= bound if op == ">=" else value <= bound)
+    return Figure(name, round(float(value), 4) if finite else None, bound, op, bool(ok), note)
 
 
 def verdict(kind: str, name: str, figures: list[Figure], details: dict[str, Any] | None = None,
@@ -235,9 +236,9 @@ def score_changes(now: dict[str, Any], before: dict[str, Any], bounds: Any) -> C
         b = np.asarray(before["per_prompt"][concept], dtype=np.float64)
         rate_a = float((a >= now["thresholds"][concept]).mean())
         rate_b = float((b >= before["thresholds"][concept]).mean())
-        rho = float(spearmanr(a, b).statistic) if a.std() > 0 and b.std() > 0 else float("nan")
+        rho = float(spearmanr(a, b).statistic) if np.ptp(a) > 0 and np.ptp(b) > 0 else float("nan")
         per[concept] = {"rate": round(rate_a, 4), "previous_rate": round(rate_b, 4), "mean": round(a.mean(), 4),
-                        "previous_mean": round(b.mean(), 4), "spearman": round(rho, 4)}
+                        "previous_mean": round(b.mean(), 4), "spearman": round(rho, 4) if np.isfinite(rho) else None}
         if bounds.max_rate_change is not None:
             figures.append(figure(f"{concept}: rate change", abs(rate_a - rate_b), bounds.max_rate_change, "<=",
                                   f"share above threshold {rate_b:.3f} -> {rate_a:.3f}"))
@@ -345,8 +346,10 @@ def run_gate(loaded: LoadedSuite, model: str, out: Path, *, previous: Path | Non
         groups = gather_groups(suite.prompts.sources, suite.prompts.max_per_source, suite.prompts.seed, loaded.base)
         texts = [t.text for g in groups.values() for t in g]
         keys = [text_key(t) for t in texts]
+        # what the comparisons depend on: the texts, their truncation and the drift settings
         prompts = {"n": len(texts), "per_source": {k: len(v) for k, v in groups.items()},
-                   "sha256": hashlib.sha256("\n".join(keys).encode()).hexdigest()}
+                   "sha256": hashlib.sha256("\n".join(keys).encode()).hexdigest(), "max_length": suite.max_length,
+                   "drift": suite.drift.model_dump(mode="json") if suite.drift else None}
         if probes:
             feats = cache.get(texts, sorted({p.site for p in probes}), progress=progress,
                               description="prompt set: concept scores")
@@ -417,6 +420,11 @@ def _incomparable(prev: dict[str, Any], prompts: dict[str, Any], what: str) -> s
     if not prev.get("prompts") or prev["prompts"]["sha256"] != prompts["sha256"]:
         return ("the prompt set differs from the previous release's: comparisons need the same prompts "
                 "(keep 'prompts' fixed across releases)")
+    if prev["prompts"].get("max_length") != prompts["max_length"]:
+        return (f"the previous release was gated at max_length {prev['prompts'].get('max_length')}, this run at "
+                f"{prompts['max_length']}: activations are not comparable")
+    if what == "baseline" and prev["prompts"].get("drift") != prompts["drift"]:
+        return "the drift settings differ from the previous release's: its baseline was built for other ones"
     if what == "baseline" and "baseline" not in prev.get("artifacts", {}):
         return "the previous report has no activation baseline (its suite had no drift check)"
     if what == "scores" and not prev.get("scores"):

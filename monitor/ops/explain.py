@@ -209,14 +209,28 @@ def window_view(lm: Any, texts: list[str], baseline: Baseline, probes: ProbeSet 
     return stats, scores, moved
 
 
-def _layer_of(family: str, probes: ProbeSet | None, concept: str | None) -> int:
-    """The layer whose components are ablated: the detector's site, or the site of the probe of the concept
+def _layer_of(model: Any, family: str, probes: ProbeSet | None, concept: str | None) -> int:
+    """The last layer whose components are ablated: the detector's site (the layer before an attention
+    site: a layer's own heads do not change its attention pattern), or the site of the probe of the concept
     that moved most (detectors on probe scores)."""
+    from collectors.sites import SiteError, resolve
+
     if ":" in family:
-        return int(family.split(":", 1)[1].split(".")[1])
-    if probes is None:
+        site = family.split(":", 1)[1]
+    elif probes is None:
         raise ExplainError("the detector reads probe scores but no probes were given")
-    return next(int(p.site.split(".")[1]) for p in probes.probes if p.concept == concept)
+    else:
+        site = next((p.site for p in probes.probes if p.concept == concept), "")
+    try:
+        resolved = resolve(model, site)
+    except SiteError as exc:
+        raise ExplainError(f"cannot explain at site {site!r}: {exc}") from exc
+    if resolved.layer is None:
+        raise ExplainError(f"site {site!r} is not inside a transformer block: nothing to ablate before it")
+    layer = resolved.layer - 1 if resolved.kind == "attn" else resolved.layer
+    if layer < 0:
+        raise ExplainError(f"site {site!r} is the first block's attention: no components come before it")
+    return layer
 
 
 def explain(lm: Any, texts: list[str], baseline: Baseline, probes: ProbeSet | None, *, detector: str | None = None,
@@ -247,7 +261,9 @@ def explain(lm: Any, texts: list[str], baseline: Baseline, probes: ProbeSet | No
     if slot.family == "scores" and len(moved[detector]):
         j = int(np.argmax(np.abs(moved[detector])))
         concept, up = slot.components[j].split(" ", 1)[0], bool(moved[detector][j] >= 0)
-    comps = components_near(lm.model, _layer_of(slot.family, probes, concept), layers_back)
+    if not threshold > 0:
+        raise ExplainError(f"{detector} has threshold {threshold}: nothing to compare a change with")
+    comps = components_near(lm.model, _layer_of(lm.model, slot.family, probes, concept), layers_back)
     means = None
     if ablation == "mean":
         if not reference_texts:

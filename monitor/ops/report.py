@@ -177,8 +177,7 @@ def build_report(records: Sequence[Record], baseline: Baseline, probes: ProbeSet
 
     def along(detector: str, component: str, value: float) -> str:
         """Baseline records farthest along a principal direction, on the side the window moved to."""
-        site = detector.split(":", 1)[1] if ":" in detector else ""
-        keys = examples.get(site, {}).get(component.split(" ", 1)[0], {}).get("up" if value >= 0 else "down", [])
+        keys = examples.get(detector, {}).get(component.split(" ", 1)[0], {}).get("up" if value >= 0 else "down", [])
         return html.escape(", ".join(keys))
 
     ranking_rows = "".join(f"<tr><td>{html.escape(d)}</td><td>{html.escape(c)}</td><td>{v:+.3g}</td>"
@@ -227,9 +226,9 @@ def explanation_html(x: dict) -> str:
         head = (f"{e(str(x['detector']))} on a window of {int(x['window'])} texts: {float(x['ratio']):.2f}x its "
                 f"threshold; {e(str(x['ablation']))}-ablated {int(x['components_tried'])} components of layers "
                 f"{e(str(x['layers']))}, {int(x['forward_passes'])} forward passes")
-    except (KeyError, TypeError, ValueError) as exc:
+        restoring = ", ".join(map(str, x.get("restoring", [])))
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ValueError(f"not the JSON output of `latentwatch explain --json`: missing or bad {exc}") from exc
-    restoring = ", ".join(map(str, x.get("restoring", [])))
     return (f"<h2>Explanation: {e(str(x['detector']))} (interventional)</h2><p>{head}. "
             f"{'Ablating any one of these brings it under the threshold: ' + e(restoring) + '.' if restoring else ''}"
             f"</p><table><tr><th>component ablated</th><th>statistic / threshold after</th><th>change</th>"
