@@ -94,7 +94,6 @@ class Analyzer:
         self._score_pos = 0
         # the hashed key of the record in each window slot ("" when fed plain arrays): alarms name exemplars
         self._keys = np.full(self.window, "", dtype=object)
-        self._pending_keys: list[str] | None = None
 
     @property
     def valid_seen(self) -> int:
@@ -131,17 +130,14 @@ class Analyzer:
             if not idx:
                 return []
             sig = signals.extract([records[i] for i in idx], self.baseline.shapes, self.probes)
-        self._pending_keys = [records[i].key for i in idx]
-        try:
-            fired = self.update_signals(sig)
-        finally:
-            self._pending_keys = None
+        fired = self.update_signals(sig, keys=[records[i].key for i in idx])
         for i, reason in zip(idx, self.last_row_reasons, strict=True):
             outcomes[i] = reason
         return fired
 
-    def update_signals(self, sig: dict[str, np.ndarray]) -> list[AlarmEvent]:
+    def update_signals(self, sig: dict[str, np.ndarray], keys: Sequence[str] | None = None) -> list[AlarmEvent]:
         """Analyze signal families (``signals.extract`` of valid records, or plain arrays); returns new alarms.
+        ``keys`` (one per row, optional) are the records' hashed keys, for the alarms' exemplars.
 
         Rows with NaN, infinity or implausible values are counted by reason and skipped
         (``last_row_reasons``: per input row, None or the reason).
@@ -150,7 +146,6 @@ class Analyzer:
         reasons: list[str | None] = [None if f else "nonfinite" for f in finite]
         self.last_row_reasons = reasons
         self.last_scores = None
-        keys = self._pending_keys
         keys = np.array(keys, dtype=object) if keys is not None and len(keys) == len(finite) else None
         if not finite.all():
             self.stats.invalid_total["nonfinite"] += int((~finite).sum())

@@ -12,7 +12,8 @@ from rich.table import Table
 STATUS_STYLE = {"pass": "green", "fail": "bold red", "skipped": "yellow"}
 
 
-def _value(v: float | None) -> str:
+def show_value(v: float | None) -> str:
+    """A figure as the reports print it; None (not measurable) says so."""
     return "not measured" if v is None else f"{v:.4g}"
 
 
@@ -34,7 +35,7 @@ def print_report(report: dict[str, Any], console: Console) -> None:
         for i, f in enumerate(c["figures"]):
             mark = "" if f["ok"] else "[bold red]x[/bold red] "
             table.add_row(head if i == 0 else "", f"[{style}]{c['status']}[/{style}]" if i == 0 else "",
-                          mark + f["name"], _value(f["value"]), f"{f['op']} {f['bound']:g}")
+                          mark + f["name"], show_value(f["value"]), f"{f['op']} {f['bound']:g}")
     console.print(table)
     failed = [c for c in report["checks"] if c["status"] == "fail"]
     skipped = [c for c in report["checks"] if c["status"] == "skipped"]
@@ -61,7 +62,7 @@ def write_html(report: dict[str, Any], path: Path) -> Path:
                 cells.append(f"<td colspan='4'>{e(c['summary'])}</td>")
             else:
                 cells.append(f"<td class='{'ok' if f['ok'] else 'fail'}'>{e(f['name'])}</td>"
-                             f"<td class='num'>{e(_value(f['value']))}</td><td class='num'>{e(f['op'])} "
+                             f"<td class='num'>{e(show_value(f['value']))}</td><td class='num'>{e(f['op'])} "
                              f"{f['bound']:g}</td><td>{e(f['note'])}</td>")
             rows.append("<tr>" + "".join(cells) + "</tr>")
     prev = report.get("previous")

@@ -40,8 +40,10 @@ from typing import Any
 import numpy as np
 
 from monitor import version
+from monitor.gate.report import show_value, write_html
 from monitor.gate.suite import LoadedSuite, MustNotEncode
 from monitor.probes.probe import CAVEAT
+from monitor.probes.probe import checksum as content_checksum
 
 FORMAT = "latentwatch-gate"
 REPORT_VERSION = 1
@@ -84,19 +86,15 @@ def verdict(kind: str, name: str, figures: list[Figure], details: dict[str, Any]
     failed = [f for f in figures if not f.ok]
     status = "fail" if failed or not figures else "pass"
     if not summary:
-        summary = ("; ".join(f"{f.name} {_show(f.value)} (bound {f.op} {f.bound:g})" for f in failed) if failed
+        summary = ("; ".join(f"{f.name} {show_value(f.value)} (bound {f.op} {f.bound:g})" for f in failed) if failed
                    else f"{len(figures)} figure(s) within bounds")
     return CheckResult(kind, name, status, summary, figures, details or {})
 
 
-def _show(v: float | None) -> str:
-    return "not measured" if v is None else f"{v:.4g}"
-
-
 # ---------------------------------------------------------------------------------------------- reports
 def checksum(body: dict[str, Any]) -> str:
-    text = json.dumps({k: v for k, v in body.items() if k != "sha256"}, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()
+    """The report's content hash: :func:`monitor.probes.probe.checksum` of everything but ``sha256``."""
+    return content_checksum({k: v for k, v in body.items() if k != "sha256"})
 
 
 def load_report(path: Path) -> dict[str, Any]:
@@ -306,7 +304,6 @@ def run_gate(loaded: LoadedSuite, model: str, out: Path, *, previous: Path | Non
     from collectors.fingerprint import fingerprint
     from collectors.sites import default_sites
     from monitor.analysis.baseline import AnalyzerConfig, Baseline
-    from monitor.gate.report import write_html
     from monitor.probes.activations import FeatureCache, cached_records, text_key
     from monitor.probes.concepts import gather_groups
     from monitor.probes.train import train_probe

@@ -69,7 +69,7 @@ class Probe:
         }
         if self.validity is not None:  # only when present, so older artifacts keep their checksum
             body["validity"] = self.validity.to_dict()
-        body["sha256"] = _checksum(body)
+        body["sha256"] = checksum(body)
         return body
 
     def save(self, path: str | Path) -> Path:
@@ -99,7 +99,7 @@ class Probe:
             raise ProbeError(f"{where}: not a latentwatch probe")
         if body.get("version") != VERSION:
             raise ProbeError(f"{where}: probe format version {body.get('version')!r}, this build reads {VERSION}")
-        if body.get("sha256") != _checksum({k: v for k, v in body.items() if k != "sha256"}):
+        if body.get("sha256") != checksum({k: v for k, v in body.items() if k != "sha256"}):
             raise ProbeError(f"{where}: checksum mismatch: the probe file was modified or is corrupt")
         try:
             weights = np.asarray(body["weights"], dtype=np.float32)
@@ -210,7 +210,8 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
     return (0.5 * (1.0 + np.tanh(0.5 * z))).astype(np.float32)
 
 
-def _checksum(body: dict[str, Any]) -> str:
+def checksum(body: dict[str, Any]) -> str:
+    """SHA-256 of ``body`` as canonical JSON (sorted keys, no spaces, no NaN): probe and gate report files."""
     canon = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
     return hashlib.sha256(canon.encode()).hexdigest()
 
