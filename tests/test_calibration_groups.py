@@ -247,3 +247,20 @@ def test_beta_binomial_tail_stays_finite_and_ordered_far_in_the_tail():
     binomial.rate_, binomial._tables = np.array([0.01]), {}
     np.testing.assert_allclose(table[:, 1], binomial._table(200)[:, 0])  # below MIN_ICC: the binomial
     assert table[24, 0] < table[24, 1]  # clustering widens the null
+
+
+def test_simulated_streams_say_which_pool_rows_they_read_whole_groups_in_order():
+    rng = np.random.default_rng(5)
+    x, g = grouped(rng, 12, 7)
+    det = MeanShift(k=4).fit(x)
+    sim = calibration.simulate([det], [det.transform(x)], window=10, stride=5, evaluations=600, groups=g)
+    assert sim.rows.shape == (sim.stats.shape[0], 10 + (sim.stats.shape[1] - 1) * 5)
+    for stream in sim.rows:
+        # inside a stream, a group's rows come together and in recorded order (only the first may be cut)
+        changes = np.flatnonzero(np.diff(g[stream])) + 1
+        for a, b in zip(changes[:-1], changes[1:], strict=True):
+            assert np.array_equal(stream[a:b], np.flatnonzero(g == g[stream[a]]))
+    # the statistic at evaluation e is the one of the window those rows form
+    e = 3
+    rows = sim.rows[0, e * 5 : e * 5 + 10]
+    np.testing.assert_allclose(sim.stats[0, e, 0], det.statistic(det.transform(x)[rows][None])[0], rtol=1e-9)

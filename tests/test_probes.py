@@ -12,7 +12,7 @@ from collectors.fingerprint import fingerprint
 from monitor.probes.activations import FeatureCache
 from monitor.probes.concepts import ConceptSpec, load_spec
 from monitor.probes.probe import Probe, ProbeError, ProbeSet
-from monitor.probes.train import _fold, _pipeline, evaluate, train_probe
+from monitor.probes.train import _fold, evaluate, fit_pipeline, train_probe
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +134,7 @@ def test_scoring_matches_sklearn_predict_proba(smollm2, cache):
     texts = [t.text for t in corpora.sample(corpora.insults(), 80, seed=5)]
     labels = np.array([i % 2 for i in range(80)])
     x = cache.get(texts, ["layers.8.resid"], progress=False)["layers.8.resid"]["mean"].astype(np.float64)
-    pipe = _pipeline(0.1, 0).fit(x, labels)
+    pipe = fit_pipeline(0.1, 0, x, labels)
     logits = pipe.decision_function(x)
     platt = LogisticRegression(C=1e6).fit(logits.reshape(-1, 1), labels)
     w, b = _fold(pipe, float(platt.coef_[0, 0]), float(platt.intercept_[0]))

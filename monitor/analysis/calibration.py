@@ -54,6 +54,7 @@ class Simulation:
     stats: np.ndarray  # [streams, evals, detectors]
     window: int
     stride: int
+    rows: np.ndarray | None = None  # [streams, records]: each stream's pool rows (evaluation e: e*stride...+window)
 
 
 def simulate(detectors: list[Any], pools: list[np.ndarray], *, window: int, stride: int, evaluations: int,
@@ -73,11 +74,13 @@ def simulate(detectors: list[Any], pools: list[np.ndarray], *, window: int, stri
     length = window + (per_stream - 1) * stride
     stats = np.empty((streams, per_stream, len(detectors)))
     starts = np.arange(per_stream) * stride
+    rows = np.empty((streams, length), dtype=np.int64)
     runs = grouping.runs(np.asarray(groups)) if groups is not None else None
     if runs is not None and max(len(r) for r in runs) == 1:
         runs = None  # every record its own group: an independent resample is the same stream, faster
     for s in range(streams):
         idx = rng.integers(0, n_pool, size=length) if runs is None else _grouped_stream(rng, runs, length)
+        rows[s] = idx
         for d, (det, pool) in enumerate(zip(detectors, pools, strict=True)):
             x = pool[idx]
             if hasattr(det, "statistic_from_mean"):
@@ -89,7 +92,7 @@ def simulate(detectors: list[Any], pools: list[np.ndarray], *, window: int, stri
                     st = starts[a : a + chunk]
                     wins = x[st[:, None] + np.arange(window)[None, :]]  # [chunk, W, c]
                     stats[s, a : a + len(st), d] = det.statistic(wins)
-    return Simulation(stats, window, stride)
+    return Simulation(stats, window, stride, rows)
 
 
 def _grouped_stream(rng: np.random.Generator, runs: list[np.ndarray], length: int) -> np.ndarray:
@@ -101,8 +104,13 @@ def _grouped_stream(rng: np.random.Generator, runs: list[np.ndarray], length: in
     sizes = np.array([len(r) for r in runs])
     parts: list[np.ndarray] = []
     have = 0
+    last = -1
     while have < length + sizes.max():
         order = rng.permutation(len(runs))
+        if order[0] == last and len(order) > 1:  # nor across passes
+            j = 1 + int(rng.integers(len(order) - 1))
+            order[0], order[j] = order[j], order[0]
+        last = int(order[-1])
         parts += [runs[g] for g in order]
         have += int(sizes.sum())
     idx = np.concatenate(parts)

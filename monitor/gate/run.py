@@ -163,7 +163,7 @@ def must_not_encode(check: MustNotEncode, lm: Any, cache: Any, base: Path, progr
 
     from collectors.sites import default_sites
     from monitor.probes.concepts import gather
-    from monitor.probes.train import _auroc_se, _pipeline
+    from monitor.probes.train import _auroc_se, fit_pipeline
 
     pos = gather(check.positive, check.max_per_source, 0, base)
     neg = gather(check.negative, check.max_per_source, 1, base)
@@ -202,7 +202,7 @@ def must_not_encode(check: MustNotEncode, lm: Any, cache: Any, base: Path, progr
         for pooling, x in feats[site].items():
             per_fold = []
             for train, test in scored:
-                z = _pipeline(0.1, 0).fit(x[train], y[train]).decision_function(x[test])
+                z = fit_pipeline(0.1, 0, x[train], y[train]).decision_function(x[test])
                 per_fold.append(roc_auc_score(y[test], z))
             candidates.append({"site": site, "pooling": pooling,
                                "auroc": round(float(np.average(per_fold, weights=weights)), 4),

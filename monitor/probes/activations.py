@@ -8,6 +8,7 @@ concepts share runs through the model once.
 from __future__ import annotations
 
 import hashlib
+import secrets
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +45,10 @@ def run_texts(
     by_key: dict[str, Record] = {}
     # signatures need no logits: a causal LM computes them for the last position only (~20 % less work)
     extra = {"logits_to_keep": 1} if lm.kind == "causal-lm" else {}
-    with Tap(lm.model, sites, sink=sink, sample_rate=1.0, queue_size=4, model_name=lm.name) as tap, \
+    # every text is sampled, so the salt only hashes keys: a fresh one per run, as the tap would pick
+    # (passed here so offline runs do not repeat the serving-side warning about a missing deployment salt)
+    with Tap(lm.model, sites, sink=sink, sample_rate=1.0, queue_size=4, model_name=lm.name,
+             salt=secrets.token_bytes(32)) as tap, \
             progress_display(enabled=progress) as bar:
         task = bar.add_task(description, total=len(texts))
         for start in range(0, len(order), batch_size):
