@@ -8,6 +8,7 @@ with ``group_by`` the observed false-alarm rate on new groups is near the budget
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
@@ -179,6 +180,8 @@ def test_unreachable_budget_is_warned_with_numbers():
     text = " ".join(base.info["warnings"])
     assert "beyond what 2,000 simulated evaluations resolve" in text
     assert "windows' worth of reference records in 30 groups" in text
+    # 10,000,000 records = 500,000 groups of 20: far more than the one new group in 31 beyond all 30
+    assert "about 500,000 groups of 20 records" in text and "Record at least 500,000" in text
 
 
 def test_a_version_1_baseline_is_refused_with_a_clear_message(tmp_path):
@@ -258,7 +261,7 @@ def test_simulated_streams_say_which_pool_rows_they_read_whole_groups_in_order()
     for stream in sim.rows:
         # inside a stream, a group's rows come together and in recorded order (only the first may be cut)
         changes = np.flatnonzero(np.diff(g[stream])) + 1
-        for a, b in zip(changes[:-1], changes[1:], strict=True):
+        for a, b in itertools.pairwise(changes):
             assert np.array_equal(stream[a:b], np.flatnonzero(g == g[stream[a]]))
     # the statistic at evaluation e is the one of the window those rows form
     e = 3

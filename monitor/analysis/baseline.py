@@ -362,6 +362,18 @@ def _resolution_warnings(report: dict[str, Any], n: int, n_groups: int, config: 
             f"the budget implies a per-detector level of {alpha:.2g}, i.e. thresholds far in the tail of "
             f"{windows:,.0f} windows' worth of reference records in {n_groups} groups: they extrapolate beyond what "
             f"the baseline shows; record about {need:,} reference records, or state a smaller budget")
+    per_group = n / n_groups
+    groups_per_alarm = config.false_alarm_every / per_group  # the budget, counted in groups
+    if config.group_by != "record" and n_groups < groups_per_alarm:
+        # a new group beyond every baseline group (chance 1/(G+1) for exchangeable groups) alarms while it streams
+        excess = groups_per_alarm / (n_groups + 1)
+        out.append(
+            f"the budget (one false alarm per {config.false_alarm_every:,.0f} records, about "
+            f"{groups_per_alarm:,.0f} groups of {per_group:,.0f} records) asks for less than the one group in "
+            f"{n_groups + 1} that will lie beyond all {n_groups} baseline groups: if such a group alarms while it "
+            f"streams, false alarms run up to ~{excess:.1f}x the budget. Record at least "
+            f"{int(np.ceil(groups_per_alarm)):,} {_group_word(config.group_by)}, or loosen the budget to one false "
+            f"alarm per {int(np.ceil((n_groups + 1) * per_group)):,} records at most")
     if smallest_fold < 2 * config.window:
         out.append(f"the smallest cross-fit fold holds {smallest_fold} records, under two windows of "
                    f"{config.window}: record more traffic per group or use fewer folds")
