@@ -180,8 +180,24 @@ def test_unreachable_budget_is_warned_with_numbers():
     text = " ".join(base.info["warnings"])
     assert "beyond what 2,000 simulated evaluations resolve" in text
     assert "windows' worth of reference records in 30 groups" in text
-    # 10,000,000 records = 500,000 groups of 20: far more than the one new group in 31 beyond all 30
-    assert "about 500,000 groups of 20 records" in text and "Record at least 500,000" in text
+
+
+def test_group_count_warning_needs_groups_that_fill_a_window_and_a_budget_beyond_them():
+    rng = np.random.default_rng(8)
+    recs = records(600, rng, meta=lambda i: {"doc": str(i // 20)})  # 30 groups of 20 records
+    def warned(**cfg) -> bool:
+        config = AnalyzerConfig(stride=10, max_calibration_evaluations=2000, group_by="meta:doc", pca_components=4,
+                                **cfg)
+        return any("expected to lie beyond all of them" in w
+                   for w in Baseline.build(recs, None, config).info["warnings"])
+    assert warned(window=30, false_alarm_every=621)       # just beyond (30 + 1) x 20 = 620 records
+    config = AnalyzerConfig(window=30, stride=10, max_calibration_evaluations=2000, group_by="meta:doc",
+                            pca_components=4, false_alarm_every=10_000)
+    text = " ".join(Baseline.build(recs, None, config).info["warnings"])
+    assert "one per 500 groups of ~20 records" in text and "Record at least 500 distinct doc values" in text
+    assert "loosen the budget to one false alarm per 620 records at most" in text and "16.1x" in text
+    assert not warned(window=30, false_alarm_every=620)   # the loosened budget the warning proposes
+    assert not warned(window=50, false_alarm_every=5000)  # groups of 20 fill less than half a window of 50
 
 
 def test_a_version_1_baseline_is_refused_with_a_clear_message(tmp_path):
@@ -259,7 +275,7 @@ def test_simulated_streams_say_which_pool_rows_they_read_whole_groups_in_order()
     sim = calibration.simulate([det], [det.transform(x)], window=10, stride=5, evaluations=600, groups=g)
     assert sim.rows.shape == (sim.stats.shape[0], 10 + (sim.stats.shape[1] - 1) * 5)
     for stream in sim.rows:
-        # inside a stream, a group's rows come together and in recorded order (only the first may be cut)
+        # inside a stream, a group's rows come together and in recorded order (the first and last may be cut)
         changes = np.flatnonzero(np.diff(g[stream])) + 1
         for a, b in itertools.pairwise(changes):
             assert np.array_equal(stream[a:b], np.flatnonzero(g == g[stream[a]]))
@@ -267,3 +283,14 @@ def test_simulated_streams_say_which_pool_rows_they_read_whole_groups_in_order()
     e = 3
     rows = sim.rows[0, e * 5 : e * 5 + 10]
     np.testing.assert_allclose(sim.stats[0, e, 0], det.statistic(det.transform(x)[rows][None])[0], rtol=1e-9)
+
+
+def test_grouped_streams_never_repeat_a_group_back_to_back():
+    rng = np.random.default_rng(0)
+    runs = [np.arange(0, 3), np.arange(3, 6)]  # two groups: without the rule, each pass boundary repeats half the time
+    idx = calibration._grouped_stream(rng, runs, 600)
+    edges = np.flatnonzero(np.diff((idx >= 3).astype(int))) + 1
+    lengths = np.diff(edges)  # the blocks between the first and the last, which may be cut
+    assert len(lengths) > 150 and np.all(lengths == 3)  # a repeated group would make a block of 6
+    one = calibration._grouped_stream(rng, [np.arange(4)], 40)  # a single group can only follow itself: it ends
+    assert len(one) == 40

@@ -363,17 +363,20 @@ def _resolution_warnings(report: dict[str, Any], n: int, n_groups: int, config: 
             f"{windows:,.0f} windows' worth of reference records in {n_groups} groups: they extrapolate beyond what "
             f"the baseline shows; record about {need:,} reference records, or state a smaller budget")
     per_group = n / n_groups
-    groups_per_alarm = config.false_alarm_every / per_group  # the budget, counted in groups
-    if config.group_by != "record" and n_groups < groups_per_alarm:
-        # a new group beyond every baseline group (chance 1/(G+1) for exchangeable groups) alarms while it streams
-        excess = groups_per_alarm / (n_groups + 1)
+    # with G exchangeable groups, about one new group in G + 1 lies beyond all of them, and the thresholds
+    # can only be set from what the baseline shows; a group that fills much of a window can then raise an
+    # alarm while it streams. Below one alarm per (G + 1) groups the budget asks for less than that.
+    at_most = int(np.floor((n_groups + 1) * per_group))
+    if config.group_by != "record" and per_group >= config.window / 2 and config.false_alarm_every > at_most:
+        groups_per_alarm = config.false_alarm_every / per_group  # the budget, counted in groups
         out.append(
-            f"the budget (one false alarm per {config.false_alarm_every:,.0f} records, about "
-            f"{groups_per_alarm:,.0f} groups of {per_group:,.0f} records) asks for less than the one group in "
-            f"{n_groups + 1} that will lie beyond all {n_groups} baseline groups: if such a group alarms while it "
-            f"streams, false alarms run up to ~{excess:.1f}x the budget. Record at least "
+            f"the budget (one false alarm per {config.false_alarm_every:,.0f} records) is one per "
+            f"{groups_per_alarm:,.0f} groups of ~{per_group:,.0f} records, but with {n_groups} baseline groups about "
+            f"one new group in {n_groups + 1} is expected to lie beyond all of them, and each such group can raise "
+            f"alarms (on several detectors) while it fills the window of {config.window}: about "
+            f"{groups_per_alarm / (n_groups + 1):.1f}x the budget per alarm it raises. Record at least "
             f"{int(np.ceil(groups_per_alarm)):,} {_group_word(config.group_by)}, or loosen the budget to one false "
-            f"alarm per {int(np.ceil((n_groups + 1) * per_group)):,} records at most")
+            f"alarm per {at_most:,} records at most")
     if smallest_fold < 2 * config.window:
         out.append(f"the smallest cross-fit fold holds {smallest_fold} records, under two windows of "
                    f"{config.window}: record more traffic per group or use fewer folds")

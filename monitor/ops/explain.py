@@ -22,7 +22,6 @@ detector's view that moved most) is **correlational**; both are reported, each l
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -192,13 +191,7 @@ def window_view(lm: Any, texts: list[str], baseline: Baseline, probes: ProbeSet 
     components (what moved, in the detector's own view)."""
     from monitor.probes.activations import run_texts
 
-    sampling_log = logging.getLogger("collectors.sampling")  # every run's tap would warn about its salt
-    level = sampling_log.level
-    sampling_log.setLevel(logging.ERROR)
-    try:
-        records = run_texts(lm, texts, list(baseline.shapes), max_length=max_length, progress=False)
-    finally:
-        sampling_log.setLevel(level)
+    records = run_texts(lm, texts, list(baseline.shapes), max_length=max_length, progress=False)
     sig = signals.extract(records, baseline.shapes, probes)
     stats, moved = {}, {}
     for slot in baseline.slots:

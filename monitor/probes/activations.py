@@ -45,8 +45,9 @@ def run_texts(
     by_key: dict[str, Record] = {}
     # signatures need no logits: a causal LM computes them for the last position only (~20 % less work)
     extra = {"logits_to_keep": 1} if lm.kind == "causal-lm" else {}
-    # every text is sampled, so the salt only hashes keys: a fresh one per run, as the tap would pick
-    # (passed here so offline runs do not repeat the serving-side warning about a missing deployment salt)
+    # every text is sampled and records are looked up by the run's own hashed keys, so the salt matters to
+    # nothing outside this call: a fresh random one per run (never $LATENTWATCH_TAP_SALT, and no
+    # serving-side warning about a missing deployment salt)
     with Tap(lm.model, sites, sink=sink, sample_rate=1.0, queue_size=4, model_name=lm.name,
              salt=secrets.token_bytes(32)) as tap, \
             progress_display(enabled=progress) as bar:

@@ -35,6 +35,7 @@ Procedure (all on activations captured by the tap, so training sees exactly what
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
@@ -47,9 +48,9 @@ import numpy as np
 from scipy.stats import binomtest
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, brier_score_loss, roc_auc_score
-from sklearn.pipeline import make_pipeline
+from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
 from collectors.models import LoadedModel
 from collectors.signature import WINDOW
@@ -78,20 +79,26 @@ def candidate_sites(n_layers: int) -> list[str]:
     return [f"layers.{i}.resid" for i in layers]
 
 
-def _pipeline(c: float, seed: int):
+def _pipeline(c: float, seed: int) -> Pipeline:
     return make_pipeline(StandardScaler(), LogisticRegression(C=c, class_weight="balanced", max_iter=3000,
                                                               random_state=seed))
 
 
-def fit_pipeline(c: float, seed: int, x: np.ndarray, y: np.ndarray):
+def fit_pipeline(c: float, seed: int, x: np.ndarray, y: np.ndarray) -> Pipeline:
     """Scaler + logistic regression fitted on one BLAS thread.
 
     On a few thousand rows of a few hundred features, L-BFGS's small matrix-vector products run ~10x
     slower on two BLAS threads than on one (0.22 s against 0.02 s per fit on this 2-core machine: the
     threads spend the fit synchronising), and a probe takes hundreds of fits.
     """
-    with threadpool_limits(limits=1, user_api="blas"):
+    with _threadpools().limit(limits=1, user_api="blas"):
         return _pipeline(c, seed).fit(x, y)
+
+
+@functools.cache
+def _threadpools() -> ThreadpoolController:
+    """The loaded BLAS/OpenMP libraries, found once (a lookup scans every loaded library)."""
+    return ThreadpoolController()
 
 
 def _fold(pipe, platt_a: float, platt_c: float) -> tuple[np.ndarray, float]:
