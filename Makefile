@@ -14,7 +14,7 @@ demo: setup
 test: setup lint
 	$(VENV)/python -m pytest -q
 
-# unit tests only (no real weights, servers, subprocesses or slow tests): ~85 s here; run it while editing
+# unit tests only (no real weights, servers, subprocesses or slow tests): ~45 s here; run it while editing
 test-fast: setup
 	$(VENV)/python -m pytest -q -m "not model and not integration and not slow"
 
