@@ -35,6 +35,7 @@ Usage: python bench/detection.py [--quick] [--sources sotu,tweets] [--configs de
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -85,9 +86,8 @@ def documents(quick: bool) -> dict[str, list[tuple[str, list[str]]]]:
 
 
 def as_group(recs: list[Record], group: str) -> list[Record]:
-    for r in recs:
-        r.meta = {**r.meta, "doc": group}
-    return recs
+    # copies: cached_records returns one shared object for a text that occurs in several groups
+    return [dataclasses.replace(r, meta={**r.meta, "doc": group}) for r in recs]
 
 
 def grouped_records(lm, name: str, docs: list[tuple[str, list[str]]]) -> list[list[Record]]:
