@@ -125,9 +125,8 @@ def simulated_false_alarm_ratio(base: Baseline, probes: ProbeSet | None, live: l
     sim = calibration.simulate([slot.detector for slot in base.slots], pools, window=base.config.window,
                                stride=base.config.stride, evaluations=evaluations, seed=seed, groups=groups)
     exceed = sim.stats > np.array([slot.threshold for slot in base.slots])
-    alarms = calibration.count_alarms(exceed)
-    starts = exceed.copy()
-    starts[:, 1:] &= ~exceed[:, :-1]
+    starts = calibration.alarm_starts(exceed)
+    alarms = int(starts.sum())
     by_group: dict[str, int] = {}
     for s, e, _ in zip(*np.nonzero(starts), strict=True):
         window_groups = groups[sim.rows[s, e * sim.stride : e * sim.stride + sim.window]]

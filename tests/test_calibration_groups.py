@@ -185,15 +185,16 @@ def test_unreachable_budget_is_warned_with_numbers():
 def test_group_count_warning_needs_groups_that_fill_a_window_and_a_budget_beyond_them():
     rng = np.random.default_rng(8)
     recs = records(600, rng, meta=lambda i: {"doc": str(i // 20)})  # 30 groups of 20 records
-    def warned(**cfg) -> bool:
+    def warnings(**cfg) -> str:
         config = AnalyzerConfig(stride=10, max_calibration_evaluations=2000, group_by="meta:doc", pca_components=4,
                                 **cfg)
-        return any("expected to lie beyond all of them" in w
-                   for w in Baseline.build(recs, None, config).info["warnings"])
+        return " ".join(Baseline.build(recs, None, config).info["warnings"])
+
+    def warned(**cfg) -> bool:
+        return "expected to lie beyond all of them" in warnings(**cfg)
+
     assert warned(window=30, false_alarm_every=621)       # just beyond (30 + 1) x 20 = 620 records
-    config = AnalyzerConfig(window=30, stride=10, max_calibration_evaluations=2000, group_by="meta:doc",
-                            pca_components=4, false_alarm_every=10_000)
-    text = " ".join(Baseline.build(recs, None, config).info["warnings"])
+    text = warnings(window=30, false_alarm_every=10_000)
     assert "one per 500 groups of ~20 records" in text and "Record at least 500 distinct doc values" in text
     assert "loosen the budget to one false alarm per 620 records at most" in text and "16.1x" in text
     assert not warned(window=30, false_alarm_every=620)   # the loosened budget the warning proposes

@@ -188,11 +188,17 @@ def _unspace(family: str, x: np.ndarray) -> np.ndarray:
     return x if family != "scores" else 1.0 / (1.0 + np.exp(-x))
 
 
-def count_alarms(exceed: np.ndarray) -> int:
-    """Upward crossings in ``exceed`` ``[streams, evals, detectors]`` (an exceedance at the first evaluation counts)."""
+def alarm_starts(exceed: np.ndarray) -> np.ndarray:
+    """Where ``exceed`` ``[streams, evals, detectors]`` crosses upward: an alarm begins (an exceedance at the
+    first evaluation counts)."""
     starts = exceed.copy()
     starts[:, 1:] &= ~exceed[:, :-1]
-    return int(starts.sum())
+    return starts
+
+
+def count_alarms(exceed: np.ndarray) -> int:
+    """Upward crossings in ``exceed`` ``[streams, evals, detectors]`` (:func:`alarm_starts`)."""
+    return int(alarm_starts(exceed).sum())
 
 
 def thresholds_at(sim: Simulation, alpha: float) -> np.ndarray:

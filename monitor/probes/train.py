@@ -79,11 +79,6 @@ def candidate_sites(n_layers: int) -> list[str]:
     return [f"layers.{i}.resid" for i in layers]
 
 
-def _pipeline(c: float, seed: int) -> Pipeline:
-    return make_pipeline(StandardScaler(), LogisticRegression(C=c, class_weight="balanced", max_iter=3000,
-                                                              random_state=seed))
-
-
 def fit_pipeline(c: float, seed: int, x: np.ndarray, y: np.ndarray) -> Pipeline:
     """Scaler + logistic regression fitted on one BLAS thread.
 
@@ -91,8 +86,10 @@ def fit_pipeline(c: float, seed: int, x: np.ndarray, y: np.ndarray) -> Pipeline:
     slower on two BLAS threads than on one (0.22 s against 0.02 s per fit on this 2-core machine: the
     threads spend the fit synchronising), and a probe takes hundreds of fits.
     """
+    pipe = make_pipeline(StandardScaler(), LogisticRegression(C=c, class_weight="balanced", max_iter=3000,
+                                                              random_state=seed))
     with _threadpools().limit(limits=1, user_api="blas"):
-        return _pipeline(c, seed).fit(x, y)
+        return pipe.fit(x, y)
 
 
 @functools.cache
