@@ -100,7 +100,149 @@ class _Capture:
     attn: dict[str, attention.AttentionCapture] = field(default_factory=dict)
 
 
-class Tap:
+class BaseTap:
+    """What every tap shares: sampling, the bounded work queue, the worker that reduces captures to records,
+    the counters and the sink. A tap subclass only decides, on the serving thread, what a capture holds
+    (:class:`Tap` for ``transformers`` modules, :class:`collectors.vllm.tap.VllmTap` for vLLM's model runner).
+    """
+
+    def __init__(
+        self,
+        site_names: Sequence[str],
+        *,
+        sink: Sink,
+        sample_rate: float,
+        model_name: str,
+        metadata: Mapping[str, str] | None,
+        queue_size: int,
+        keep_text: bool,
+        salt: bytes | str | None,
+    ) -> None:
+        self.site_names = list(site_names)
+        self.sink = sink
+        self.sampler = Sampler(sample_rate, deployment_salt(salt))
+        self.model_name = model_name
+        self.keep_text = keep_text
+        self.stats = TapStats()
+        self.metadata = self._clean_meta({"replica": socket.gethostname()[:64], **(metadata or {})})
+        self.fingerprint: str = ""
+        self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self._worker: threading.Thread | None = None
+        self._last_error_log = 0.0
+
+    def _start_worker(self) -> None:
+        self._worker = threading.Thread(target=self._run, name="latentwatch-tap", daemon=True)
+        self._worker.start()
+
+    def _stop_worker(self, timeout: float) -> None:
+        if self._worker is not None:
+            self.flush(timeout)
+            self._queue.put(_STOP)
+            self._worker.join(timeout)
+            self._worker = None
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Wait until every queued capture has been written; flush the sink. False on timeout."""
+        deadline = time.monotonic() + timeout
+        q = self._queue
+        with q.all_tasks_done:
+            while q.unfinished_tasks:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                q.all_tasks_done.wait(left)
+        try:
+            self.sink.flush()
+        except Exception:
+            self._count_error("sink_errors", "sink flush failed")
+        return True
+
+    def _clean_meta(self, meta: Mapping[str, str]) -> dict[str, str]:
+        out = {}
+        for k, v in meta.items():
+            # three of the 16 metadata slots carry the tap's own counters (tap_sampled, tap_dropped,
+            # sink_dropped)
+            if (isinstance(k, str) and _META_KEY.match(k) and not k.startswith(("tap_", "sink_"))
+                    and isinstance(v, str) and len(v) <= 128 and len(out) < 13):
+                out[k] = v
+            else:
+                self.stats.metadata_rejected += 1
+        return out
+
+    def _timed(self, hook):
+        """Wrap a hook so its time on the serving thread adds up in ``stats.hook_seconds``."""
+        stats, clock = self.stats, time.perf_counter
+
+        def timed(*args, **kwargs):
+            started = clock()
+            try:
+                return hook(*args, **kwargs)
+            finally:
+                stats.hook_seconds += clock() - started
+
+        return timed
+
+    def _count_error(self, counter: str, what: str) -> None:
+        setattr(self.stats, counter, getattr(self.stats, counter) + 1)
+        now = time.monotonic()
+        if now - self._last_error_log > 10.0:  # at most one traceback per 10 s
+            self._last_error_log = now
+            log.exception("latentwatch tap: %s (counted in %s=%d)", what, counter, getattr(self.stats, counter))
+
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            cap = self._queue.get()
+            started = time.perf_counter()
+            try:
+                if cap is _STOP:
+                    return
+                try:
+                    records = self.reduce(cap)
+                except Exception:
+                    self._count_error("worker_errors", "reducing a capture failed")
+                    continue
+                for rec in records:
+                    try:
+                        self.sink.write(rec)
+                        self.stats.records_emitted += 1
+                    except Exception:
+                        self._count_error("sink_errors", "sink write failed")
+            finally:
+                self.stats.worker_busy_seconds += time.perf_counter() - started
+                self._queue.task_done()
+
+    def reduce(self, cap: _Capture) -> list[Record]:
+        """Turn one capture into one record per sampled row."""
+        with torch.no_grad():
+            per_site: dict[str, dict[str, torch.Tensor]] = {}
+            for site in self.site_names:
+                if site in cap.acts:
+                    per_site[site] = pool_activations(cap.acts[site], cap.mask)
+                elif site in cap.attn:
+                    per_site[site] = {"heads": attention_heads(cap.attn[site], cap.mask)}
+            arrays = {s: {n: t.float().cpu().numpy() for n, t in d.items()} for s, d in per_site.items()}
+            n_tokens = cap.mask.sum(1).tolist()
+        # the tap's own counters travel with the records, so the monitor can export drops per replica
+        meta = {**cap.meta, "tap_sampled": str(self.stats.requests_sampled),
+                "tap_dropped": str(self.stats.dropped_queue_full),
+                "sink_dropped": str(getattr(self.sink, "dropped", 0))}
+        return [
+            Record(
+                model=self.model_name,
+                fingerprint=self.fingerprint,
+                key=key,
+                n_tokens=int(n_tokens[i]),
+                sites={s: {n: a[i] for n, a in d.items()} for s, d in arrays.items()},
+                ts=cap.ts,
+                meta=meta,
+                text=cap.texts[i] if cap.texts is not None else None,
+            )
+            for i, key in enumerate(cap.keys)
+        ]
+
+
+class Tap(BaseTap):
     """Hook ``model`` at ``sites`` and emit one record per sampled request to ``sink``.
 
     Args:
@@ -132,25 +274,19 @@ class Tap:
         keep_text: bool = False,
         salt: bytes | str | None = None,
     ) -> None:
+        super().__init__(
+            list(sites) if sites else default_sites(model), sink=sink, sample_rate=sample_rate,
+            model_name=model_name or _default_name(model), metadata=metadata, queue_size=queue_size,
+            keep_text=keep_text, salt=salt,
+        )
         self.model = model
-        self.site_names = list(sites) if sites else default_sites(model)
-        self.sink = sink
-        self.sampler = Sampler(sample_rate, deployment_salt(salt))
-        self.model_name = model_name or _default_name(model)
-        self.keep_text = keep_text
-        self.stats = TapStats()
-        self.metadata = self._clean_meta({"replica": socket.gethostname()[:64], **(metadata or {})})
         self.sites: list[Site] = [resolve(model, s) for s in self.site_names]
-        self.fingerprint: str = ""
-        self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self._local = threading.local()
         self._handles: list = []
         self._attn_modules: list[torch.nn.Module] = []
         self._saved_attn_impl: str | None = None
-        self._worker: threading.Thread | None = None
         self._counter = itertools.count()
         self._arg_names = list(inspect.signature(model.forward).parameters)
-        self._last_error_log = 0.0
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -182,8 +318,7 @@ class Tap:
             else:
                 self._handles.append(module.register_forward_hook(timed(self._make_act_hook(site.name))))
         self._handles.append(self.model.register_forward_hook(timed(self._post_hook), with_kwargs=True))
-        self._worker = threading.Thread(target=self._run, name="latentwatch-tap", daemon=True)
-        self._worker.start()
+        self._start_worker()
         return self
 
     def detach(self, timeout: float = 30.0) -> None:
@@ -197,33 +332,13 @@ class Tap:
         if self._saved_attn_impl is not None:
             self.model.config._attn_implementation = self._saved_attn_impl
             self._saved_attn_impl = None
-        if self._worker is not None:
-            self.flush(timeout)
-            self._queue.put(_STOP)
-            self._worker.join(timeout)
-            self._worker = None
+        self._stop_worker(timeout)
 
     def __enter__(self) -> Tap:
         return self.attach()
 
     def __exit__(self, *exc: object) -> None:
         self.detach()
-
-    def flush(self, timeout: float = 30.0) -> bool:
-        """Wait until every queued capture has been written; flush the sink. False on timeout."""
-        deadline = time.monotonic() + timeout
-        q = self._queue
-        with q.all_tasks_done:
-            while q.unfinished_tasks:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                q.all_tasks_done.wait(left)
-        try:
-            self.sink.flush()
-        except Exception:
-            self._count_error("sink_errors", "sink flush failed")
-        return True
 
     # ------------------------------------------------------------------ request context
     @contextmanager
@@ -251,39 +366,7 @@ class Tap:
         finally:
             self._local.request = prev
 
-    def _clean_meta(self, meta: Mapping[str, str]) -> dict[str, str]:
-        out = {}
-        for k, v in meta.items():
-            # three of the 16 metadata slots carry the tap's own counters (tap_sampled, tap_dropped,
-            # sink_dropped)
-            if (isinstance(k, str) and _META_KEY.match(k) and not k.startswith(("tap_", "sink_"))
-                    and isinstance(v, str) and len(v) <= 128 and len(out) < 13):
-                out[k] = v
-            else:
-                self.stats.metadata_rejected += 1
-        return out
-
     # ------------------------------------------------------------------ hooks (forward path)
-    def _timed(self, hook):
-        """Wrap a hook so its time on the serving thread adds up in ``stats.hook_seconds``."""
-        stats, clock = self.stats, time.perf_counter
-
-        def timed(*args, **kwargs):
-            started = clock()
-            try:
-                return hook(*args, **kwargs)
-            finally:
-                stats.hook_seconds += clock() - started
-
-        return timed
-
-    def _count_error(self, counter: str, what: str) -> None:
-        setattr(self.stats, counter, getattr(self.stats, counter) + 1)
-        now = time.monotonic()
-        if now - self._last_error_log > 10.0:  # at most one traceback per 10 s
-            self._last_error_log = now
-            log.exception("latentwatch tap: %s (counted in %s=%d)", what, counter, getattr(self.stats, counter))
-
     def _arg(self, name: str, args: tuple, kwargs: dict) -> object:
         if name in kwargs:
             return kwargs[name]
@@ -413,59 +496,6 @@ class Tap:
             self._count_error("hook_errors", "post-forward hook failed")
 
     # ------------------------------------------------------------------ worker (off the forward path)
-    def _run(self) -> None:
-        torch.set_grad_enabled(False)
-        while True:
-            cap = self._queue.get()
-            started = time.perf_counter()
-            try:
-                if cap is _STOP:
-                    return
-                try:
-                    records = self.reduce(cap)
-                except Exception:
-                    self._count_error("worker_errors", "reducing a capture failed")
-                    continue
-                for rec in records:
-                    try:
-                        self.sink.write(rec)
-                        self.stats.records_emitted += 1
-                    except Exception:
-                        self._count_error("sink_errors", "sink write failed")
-            finally:
-                self.stats.worker_busy_seconds += time.perf_counter() - started
-                self._queue.task_done()
-
-    def reduce(self, cap: _Capture) -> list[Record]:
-        """Turn one capture into one record per sampled row."""
-        with torch.no_grad():
-            per_site: dict[str, dict[str, torch.Tensor]] = {}
-            for site in self.site_names:
-                if site in cap.acts:
-                    per_site[site] = pool_activations(cap.acts[site], cap.mask)
-                elif site in cap.attn:
-                    per_site[site] = {"heads": attention_heads(cap.attn[site], cap.mask)}
-            arrays = {s: {n: t.float().cpu().numpy() for n, t in d.items()} for s, d in per_site.items()}
-            n_tokens = cap.mask.sum(1).tolist()
-        # the tap's own counters travel with the records, so the monitor can export drops per replica
-        meta = {**cap.meta, "tap_sampled": str(self.stats.requests_sampled),
-                "tap_dropped": str(self.stats.dropped_queue_full),
-                "sink_dropped": str(getattr(self.sink, "dropped", 0))}
-        return [
-            Record(
-                model=self.model_name,
-                fingerprint=self.fingerprint,
-                key=key,
-                n_tokens=int(n_tokens[i]),
-                sites={s: {n: a[i] for n, a in d.items()} for s, d in arrays.items()},
-                ts=cap.ts,
-                meta=meta,
-                text=cap.texts[i] if cap.texts is not None else None,
-            )
-            for i, key in enumerate(cap.keys)
-        ]
-
-
 def _cache_length(values: Iterator[object]) -> int | None:
     """Tokens held by the first KV cache among ``values``; ``None`` when there is none.
 
