@@ -41,6 +41,8 @@ class TapCollector(Collector):
         dropped = family("process_dropped", "Sampled requests dropped in the serving process, by stage", ["stage"])
         errors = family("errors", "Hook, worker and sink failures (never raised into the model)", ["kind"])
         skipped = family("decode_steps_skipped", "Decode steps recognised and skipped", [])
+        skipped_req = family("requests_skipped", "Sampled requests not recorded, by reason (vLLM: prompt start "
+                             "served from the prefix cache, prompt longer than max_prompt_tokens)", ["reason"])
         hook = family("hook_seconds", "Time spent in the tap's hooks on the serving thread", [])
         for tap in self.taps:
             st, m = tap.stats, tap.model_name
@@ -52,5 +54,7 @@ class TapCollector(Collector):
             for kind in ("hook", "worker", "sink"):
                 errors.add_metric([m, kind], getattr(st, f"{kind}_errors"))
             skipped.add_metric([m], st.decode_steps_skipped)
+            skipped_req.add_metric([m, "prefix_cached"], getattr(st, "prefix_cached_skipped", 0))
+            skipped_req.add_metric([m, "too_long"], getattr(st, "prompt_too_long_skipped", 0))
             hook.add_metric([m], st.hook_seconds)
-        yield from (seen, sampled, emitted, dropped, errors, skipped, hook)
+        yield from (seen, sampled, emitted, dropped, errors, skipped, skipped_req, hook)

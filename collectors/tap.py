@@ -77,6 +77,8 @@ class TapStats:
     worker_errors: int = 0
     sink_errors: int = 0
     metadata_rejected: int = 0
+    prefix_cached_skipped: int = 0  # vLLM: sampled prompts whose start came from the prefix cache
+    prompt_too_long_skipped: int = 0  # vLLM: sampled prompts longer than max_prompt_tokens
     worker_busy_seconds: float = 0.0
     hook_seconds: float = 0.0  # time spent inside the tap's hooks, on the serving thread
 
