@@ -83,8 +83,10 @@ def attach(runner: object) -> object | None:
                     "start vLLM with --no-enable-prefix-caching to record every sampled prompt")
     if tap.capture_mode == "op":
         ops = runner.vllm_config.compilation_config.splitting_ops
-        if isinstance(ops, list) and "latentwatch::capture" not in ops:
-            ops.append("latentwatch::capture")  # CUDA graphs replay around the op, not over it
+        # piecewise CUDA graphs (a non-empty list: vLLM splits at attention) replay around the op, not over
+        # it; with no splitting (CPU, full graphs off) the op is an ordinary opaque call in the graph
+        if isinstance(ops, list) and ops and "latentwatch::capture" not in ops:
+            ops.append("latentwatch::capture")
     log.info("latentwatch: tapping %s at %s (sample rate %s, capture %s, fingerprint %s)", tap.model_name,
              ", ".join(tap.site_names), settings.sample_rate, tap.capture_mode, tap.fingerprint)
     atexit.register(tap.detach, 5.0)

@@ -78,11 +78,11 @@ def _records_since(path, before: int):
     return list(read_file(path))[before:]
 
 
-def _reference(token_ids: list[list[int]]):
+def _reference(token_ids: list[list[int]], sites: list[str] = SITES):
     """The ``transformers`` tap's records for the same token ids, one unpadded forward each."""
     lm = lw_models.load("smollm2", attn_implementation="sdpa")
     sink = QueueSink()
-    with Tap(lm.model, SITES, sink=sink, sample_rate=1.0, salt=SALT) as tap, torch.no_grad():
+    with Tap(lm.model, sites, sink=sink, sample_rate=1.0, salt=SALT) as tap, torch.no_grad():
         for i, ids in enumerate(token_ids):
             with tap.request(keys=[f"ref-{i}"]):
                 lm.model(input_ids=torch.tensor([ids]))
