@@ -3,7 +3,7 @@ export OMP_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 VENV := .venv/bin
 
-.PHONY: setup demo test test-fast test-compat lint bench
+.PHONY: setup demo test test-fast test-compat test-vllm lint bench
 setup:
 	@scripts/setup
 
@@ -21,6 +21,11 @@ test-fast: setup
 # the tap tests on the lowest and the newest supported transformers, each in a throwaway clean venv
 test-compat: setup
 	scripts/test-compat
+
+# the vLLM plugin's tests (tests/vllm/) against vLLM's CPU build, in a venv of their own (first run ~4 min to
+# build it, then ~5 min)
+test-vllm: setup
+	scripts/test-vllm
 
 lint: setup
 	$(VENV)/ruff check .
