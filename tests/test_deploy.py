@@ -97,7 +97,20 @@ def test_sidecar_configurations_load(tmp_path, monkeypatch):
         if settings.source.kind == "kafka":  # the secret comes from the environment, the rest from the file
             assert settings.source.kafka.sasl_plain_password.get_secret_value() == "s3cret"
             assert settings.source.kafka.bootstrap_servers
-    assert sorted(kinds) == ["file", "kafka", "kafka"]
+    assert sorted(kinds) == ["file", "file", "kafka", "kafka"]
+
+
+def test_vllm_tap_configurations_load(tmp_path, monkeypatch):
+    from collectors.vllm.settings import load_settings as load_tap_settings
+
+    taps = [d["data"]["tap.yaml"] for d in by_kind("ConfigMap") if "tap.yaml" in d["data"]]
+    assert taps, "deploy/kubernetes/vllm.yaml configures the vLLM plugin"
+    for k in ("LATENTWATCH_VLLM_SINK", "LATENTWATCH_VLLM_SITES", "LATENTWATCH_VLLM_SAMPLE_RATE"):
+        monkeypatch.delenv(k, raising=False)
+    for i, text in enumerate(taps):
+        (tmp_path / f"tap{i}.yaml").write_text(text)
+        settings = load_tap_settings(tmp_path / f"tap{i}.yaml")
+        assert settings.sink.startswith("file:/signatures/")
 
 
 @pytest.mark.integration
