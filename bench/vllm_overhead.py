@@ -8,6 +8,11 @@ and detached between measurements, so the ratios compare the same engine, warmed
   tap_10      the default sites (residual stream at 1/3, 2/3, the last layer), 10 % of requests sampled
   tap_100     the same, every request sampled
 
+``--capture op`` measures the compile-safe capture instead: torch.compile on (no enforce_eager, ~90 s to
+compile), the plugin attached at load as in production (the op must be in the graph when it is traced),
+and ``off`` is the same engine with the tap sampling 0 % (the op present, returning at once), so the
+ratios there are against a tapped-but-idle engine; ``hook_share_*`` is the absolute cost either way.
+
 Two workloads per configuration and round:
   throughput  ``--batch`` concurrent prompts of mixed length (8 to ~200 tokens), ``--max-tokens`` each:
               generated + prompt tokens per second of wall time
@@ -19,7 +24,7 @@ off of the same round). The tap's worker reduces captures on the second core; th
 the wall time of the workload: what the forward path pays, measured directly rather than read off two
 noisy totals.
 
-Usage: python bench/vllm_overhead.py [--quick] [--rounds N] [--batch 16] [--max-tokens 32]
+Usage: python bench/vllm_overhead.py [--quick] [--rounds N] [--batch 16] [--max-tokens 32] [--capture op]
 Last line of output: one JSON object.
 """
 
@@ -47,13 +52,19 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--capture", choices=["hooks", "op"], default="hooks")
     args = ap.parse_args()
     if args.quick:
         args.rounds, args.batch, args.max_tokens = 3, 8, 16
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    for k in ("LATENTWATCH_VLLM_CONFIG", "LATENTWATCH_VLLM_SINK"):
-        os.environ.pop(k, None)  # the bench attaches its own taps
+    out_dir = Path(tempfile.mkdtemp(prefix="lw-vllm-bench-"))
+    os.environ.pop("LATENTWATCH_VLLM_CONFIG", None)
+    os.environ.pop("LATENTWATCH_VLLM_SINK", None)  # hooks: the bench attaches its own taps
+    if args.capture == "op":  # the plugin attaches at load, before torch.compile traces the model
+        os.environ.update({"LATENTWATCH_VLLM_SINK": f"file:{out_dir / 'op.lwsr'}",
+                           "LATENTWATCH_VLLM_SAMPLE_RATE": "0", "LATENTWATCH_VLLM_CAPTURE": "op",
+                           "LATENTWATCH_TAP_SALT": "bench-salt-0123456789"})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -63,21 +74,22 @@ def main() -> None:
                               "with the python of the venv `make test-vllm` builds"}))
             return
 
+        from collectors.sampling import Sampler
         from collectors.sites import default_sites
         from collectors.vllm.settings import VllmTapSettings
         from collectors.vllm.tap import VllmTap
 
     folder = zoo.smollm2_folder()
-    llm = LLM(str(folder), enforce_eager=True, distributed_executor_backend="uni", dtype="float32",
-              enable_prefix_caching=False, max_model_len=1024, seed=0)
+    llm = LLM(str(folder), enforce_eager=args.capture == "hooks", distributed_executor_backend="uni",
+              dtype="float32", enable_prefix_caching=False, max_model_len=1024, seed=0)
     runner = llm.llm_engine.model_executor.driver_worker.worker.model_runner
+    resident = getattr(runner, "latentwatch_tap", None)  # --capture op: the plugin's tap
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
     rng = random.Random(0)
     words = TEXT.split()
     batch = [" ".join(words[: rng.randint(6, 40)] * rng.randint(1, 5)) for _ in range(args.batch)]
     single = [TEXT * 3]
-    sites = default_sites(runner.model)
-    out_dir = Path(tempfile.mkdtemp(prefix="lw-vllm-bench-"))
+    sites = resident.site_names if resident is not None else default_sites(runner.model)
 
     def run(prompts: list[str]) -> tuple[float, int]:
         started = time.perf_counter()
@@ -98,16 +110,21 @@ def main() -> None:
         for name in order:
             rate = configs[name]
             tap = None
-            if rate is not None:
+            if resident is not None:
+                tap = resident
+                resident.sampler = Sampler(rate or 0.0, resident.sampler.salt)
+            elif rate is not None:
                 settings = VllmTapSettings(sink=f"file:{out_dir / (name + '.lwsr')}", sample_rate=rate, sites=sites)
                 tap = VllmTap(runner, settings, salt="bench-salt-0123456789").attach()
+            emitted = tap.stats.requests_sampled if tap else 0
             wall, tokens = run(batch)
             hook_before = tap.stats.hook_seconds if tap else 0.0
             latency, _ = run(single)
-            if tap is not None:
+            if tap is not None and rate is not None:
                 shares[name].append((tap.stats.hook_seconds - hook_before) / latency)
+                records[name] += tap.stats.requests_sampled - emitted
+            if tap is not None and tap is not resident:
                 tap.detach()
-                records[name] += tap.stats.records_emitted
             measured[name] = (tokens / wall, latency)
         for name in ratios:
             ratios[name]["throughput"].append(measured[name][0] / measured["off"][0])
@@ -115,7 +132,9 @@ def main() -> None:
         print(f"round: { {k: [round(v[0], 1), round(v[1], 4)] for k, v in measured.items()} }", flush=True)
     result = {
         "bench": "vllm_overhead", "vllm": __import__("vllm").__version__, "model": "SmolLM2-135M-Instruct",
-        "sites": sites, "capture": "hooks", "rounds": args.rounds, "batch": args.batch,
+        "sites": sites, "capture": args.capture,
+        "baseline": "no tap" if args.capture == "hooks" else "tap attached, 0 % sampled",
+        "rounds": args.rounds, "batch": args.batch,
         "max_tokens": args.max_tokens, "threads": os.environ.get("OMP_NUM_THREADS", "unset"),
     }
     for name in ratios:

@@ -213,3 +213,43 @@ def test_counters_reach_the_api_servers_collector(engine):
     assert line in text
     value = float(text.split(line)[1].split()[0])
     assert value == tap.stats.requests_sampled > 0
+
+
+def test_a_site_that_captures_nothing_is_noticed(engine):
+    """What forward hooks do under torch.compile (they do not fire): the tap counts it, records nothing
+    partial, and serving goes on."""
+    llm, tap, path, tok = engine
+    site = next(s for s in tap.sites if s.name == "layers.9.resid")
+    module = tap._site_module(site)
+    handle = next(h for h in tap._handles if h.id in module._forward_hooks)
+    handle.remove()
+    try:
+        before, errors = len(list(read_file(path))), tap.stats.hook_errors
+        outputs = _generate(llm, [tok(PROMPTS[1])["input_ids"]])
+        tap.flush()
+        assert outputs[0].outputs[0].token_ids
+        assert tap.stats.hook_errors > errors
+        assert len(_records_since(path, before)) == 0
+    finally:
+        tap._handles.append(module.register_forward_hook(tap._timed(tap._act_hook(site))))
+    before = len(list(read_file(path)))
+    _generate(llm, [tok(PROMPTS[1])["input_ids"]])
+    tap.flush()
+    assert len(_records_since(path, before)) == 1
+
+
+def test_a_tap_that_cannot_attach_leaves_vllm_serving(engine, monkeypatch, caplog):
+    from collectors.vllm import plugin
+
+    llm, tap, _path, tok = engine
+    runner = llm.llm_engine.model_executor.driver_worker.worker.model_runner
+    monkeypatch.setenv("LATENTWATCH_VLLM_SITES", "layers.99.resid")
+    with caplog.at_level("ERROR", logger="latentwatch.vllm"):
+        assert plugin.attach(runner) is None
+    assert "could not attach" in caplog.text and "layers.99.resid" in caplog.text
+    monkeypatch.setenv("LATENTWATCH_VLLM_SAMPLE_RATE", "7")
+    with caplog.at_level("ERROR", logger="latentwatch.vllm"):
+        assert plugin.attach(runner) is None
+    assert "sample_rate" in caplog.text
+    assert runner.latentwatch_tap is tap
+    assert _generate(llm, [tok(PROMPTS[0])["input_ids"]])[0].outputs[0].token_ids
