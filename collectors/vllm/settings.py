@@ -25,10 +25,10 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-import yaml
 from pydantic import ConfigDict, Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import NoDecode, SettingsConfigDict
 
+from collectors.config import EnvOverFile, read_fields
 from collectors.kafka_sink import KafkaConnection
 
 CONFIG_ENV = "LATENTWATCH_VLLM_CONFIG"
@@ -46,7 +46,7 @@ class KafkaSinkConfig(KafkaConnection):
     buffer_bytes: int = Field(32 * 2**20, ge=2**16, le=2**32)
 
 
-class VllmTapSettings(BaseSettings):
+class VllmTapSettings(EnvOverFile):
     """What the plugin taps, how often, and where the records go."""
 
     model_config = SettingsConfigDict(env_prefix="LATENTWATCH_VLLM_", env_nested_delimiter="__", extra="forbid")
@@ -88,14 +88,6 @@ class VllmTapSettings(BaseSettings):
             raise ValueError("sink must be 'file:<path>' or 'kafka'")
         return value
 
-    @classmethod
-    def settings_customise_sources(cls, settings_cls: type[BaseSettings],
-                                   init_settings: PydanticBaseSettingsSource,
-                                   env_settings: PydanticBaseSettingsSource,
-                                   dotenv_settings: PydanticBaseSettingsSource,
-                                   file_secret_settings: PydanticBaseSettingsSource):
-        return (env_settings, init_settings)  # environment overrides the YAML file
-
 
 def configured() -> bool:
     """True when the operator asked for the tap (a config file or a sink in the environment)."""
@@ -106,14 +98,7 @@ def load_settings(path: str | Path | None = None) -> VllmTapSettings:
     """The tap's settings from ``path`` (default ``$LATENTWATCH_VLLM_CONFIG``) and the environment."""
     path = path if path is not None else os.environ.get(CONFIG_ENV) or None
     where = str(path) if path is not None else "environment (LATENTWATCH_VLLM_*)"
-    data: dict = {}
-    if path is not None:
-        try:
-            data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise VllmTapConfigError(f"{where}: cannot read the tap configuration: {exc}") from exc
-        if not isinstance(data, dict):
-            raise VllmTapConfigError(f"{where}: the tap configuration must be a mapping of fields")
+    data = read_fields(path, VllmTapConfigError, "the tap configuration") if path is not None else {}
     try:
         settings = VllmTapSettings(**data)
     except ValidationError as exc:

@@ -30,10 +30,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
+from collectors.config import EnvOverFile, read_fields
 from monitor.sidecar.kafka_source import KafkaSourceConfig
 
 
@@ -150,7 +150,7 @@ class AuditConfig(BaseModel):
         return value
 
 
-class Settings(BaseSettings):
+class Settings(EnvOverFile):
     model_config = SettingsConfigDict(env_prefix="LATENTWATCH_", env_nested_delimiter="__", extra="forbid")
 
     baseline: Path
@@ -171,25 +171,9 @@ class Settings(BaseSettings):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
 
-    @classmethod
-    def settings_customise_sources(cls, settings_cls: type[BaseSettings],
-                                   init_settings: PydanticBaseSettingsSource,
-                                   env_settings: PydanticBaseSettingsSource,
-                                   dotenv_settings: PydanticBaseSettingsSource,
-                                   file_secret_settings: PydanticBaseSettingsSource):
-        return (env_settings, init_settings)  # environment overrides the YAML file
-
 
 def load_settings(path: str | Path | None) -> Settings:
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise ConfigError(f"{path}: cannot read configuration: {exc}") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: configuration must be a mapping of fields")
+    data = read_fields(path, ConfigError) if path is not None else {}
     try:
         settings = Settings(**data)
     except ValidationError as exc:
