@@ -184,12 +184,15 @@ class BaseTap:
 
         return timed
 
-    def _count_error(self, counter: str, what: str) -> None:
+    def _count_error(self, counter: str, what: str, *, traceback: bool = True) -> None:
+        """Count a failure; log it (with the exception's traceback unless ``traceback=False``: a failure
+        noticed, not raised) at most once per 10 s."""
         setattr(self.stats, counter, getattr(self.stats, counter) + 1)
         now = time.monotonic()
-        if now - self._last_error_log > 10.0:  # at most one traceback per 10 s
+        if now - self._last_error_log > 10.0:
             self._last_error_log = now
-            log.exception("latentwatch tap: %s (counted in %s=%d)", what, counter, getattr(self.stats, counter))
+            emit = log.exception if traceback else log.warning
+            emit("latentwatch tap: %s (counted in %s=%d)", what, counter, getattr(self.stats, counter))
 
     def _run(self) -> None:
         torch.set_grad_enabled(False)

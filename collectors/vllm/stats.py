@@ -49,7 +49,7 @@ def _alive(pid: int) -> bool:
 
 def read_snapshots(folder: Path) -> list[dict]:
     """The counters of every live tap that left a file in ``folder`` and of the taps in this process."""
-    from collectors.vllm import tap as tap_module  # loaded with the plugin; no torch import cost here
+    from collectors.vllm import tap as tap_module  # the taps running in this process (in-process engine)
 
     snapshots = {id(t): t.snapshot() for t in list(tap_module._TAPS.values())}
     local = {s["pid"] for s in snapshots.values()}

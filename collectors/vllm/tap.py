@@ -57,12 +57,7 @@ from collectors.sinks import FileSink, Sink
 from collectors.sites import Site, default_sites, resolve
 from collectors.tap import BaseTap, _Capture
 from collectors.vllm.settings import VllmTapSettings
-from collectors.vllm.weights import (
-    FingerprintMappingError,
-    checkpoint_fingerprint,
-    hf_fingerprint,
-    native_fingerprint,
-)
+from collectors.vllm.weights import FingerprintMappingError, native_fingerprint, served_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +134,10 @@ class VllmTap(BaseTap):
         self.capture_mode = _capture_mode(settings.capture, vllm_config)
         self.tap_id = next(_ids)
         self._step: list[_Slice] | None = None
-        self._fired: set[str] = set()
+        self._fired: set[str] = set()  # "<store>:<site>" of the captures that ran in this step
+        self._wanted = {f"{store}:{s.name}" for s in self.sites
+                        for store in (("q", "k") if s.kind == "attn" else ("acts",))}
+        self._modules = [self._site_module(s) for s in self.sites]  # what each site hooks (or wraps)
         self._pending: dict[str, _Pending] = {}
         self._seen: collections.OrderedDict[str, bool] = collections.OrderedDict()  # request id -> sampled
         self._done: collections.OrderedDict[str, None] = collections.OrderedDict()
@@ -157,8 +155,8 @@ class VllmTap(BaseTap):
         self.fingerprint = self._fingerprint()
         timed = self._timed
         self._handles.append(self.model.register_forward_pre_hook(timed(self._pre_forward), with_kwargs=True))
-        for i, site in enumerate(self.sites):
-            module = self._site_module(site)
+        self._stop.clear()
+        for i, (site, module) in enumerate(zip(self.sites, self._modules, strict=True)):
             if self.capture_mode == "hooks":
                 if site.kind == "attn":
                     self._handles.append(module.register_forward_pre_hook(timed(self._attn_hook(site.name))))
@@ -198,11 +196,7 @@ class VllmTap(BaseTap):
         """The ``transformers`` fingerprint of the served weights (:mod:`collectors.vllm.weights`)."""
         model_config = self.runner.vllm_config.model_config
         try:
-            return hf_fingerprint(self.model, self.hf_config)
-        except FingerprintMappingError:
-            pass
-        try:
-            return checkpoint_fingerprint(model_config.model, self.hf_config, model_config.dtype)
+            return served_fingerprint(self.model, self.hf_config, model_config.model, model_config.dtype)
         except (FingerprintMappingError, OSError, ValueError) as exc:
             native = native_fingerprint(self.model, self.hf_config)
             log.warning("latentwatch vLLM tap: no transformers fingerprint (%s); records carry vLLM's own %s, "
@@ -310,26 +304,25 @@ class VllmTap(BaseTap):
         self._fired.add(f"{store}:{site}")
 
     def _act_hook(self, site: Site) -> Callable:
-        block = site.kind == "resid" and site.layer is not None and site.name.endswith(".resid")
-
         def hook(module: torch.nn.Module, args: tuple, output: object) -> None:
             if self._step is None:
                 return
             try:
-                self._capture_output(site.name, output, block)
+                self._capture_output(site, output)
             except Exception:
                 self._count_error("hook_errors", f"hook at {site.name} failed")
 
         return hook
 
-    def _capture_output(self, site: str, output: object, block: bool) -> None:
+    def _capture_output(self, site: Site, output: object) -> None:
         if isinstance(output, (tuple, list)):
             h = output[0]
-            if block and len(output) > 1 and isinstance(output[1], torch.Tensor):
-                h = h + output[1]  # (mlp_out, residual): the residual stream after the layer
+            # a decoder layer's (mlp_out, residual): layers.N.resid is their sum, the residual stream after it
+            if site.name.endswith(".resid") and len(output) > 1 and isinstance(output[1], torch.Tensor):
+                h = h + output[1]
         else:
             h = output
-        self._take(site, h.reshape(h.shape[0], -1) if h.dim() > 2 else h, "acts")
+        self._take(site.name, h.reshape(h.shape[0], -1) if h.dim() > 2 else h, "acts")
 
     def _attn_hook(self, site: str) -> Callable:
         def hook(module: torch.nn.Module, args: tuple) -> None:
@@ -351,15 +344,14 @@ class VllmTap(BaseTap):
         if not step:
             return
         try:
-            wanted = {f"acts:{s.name}" for s in self.sites if s.kind != "attn"}
-            wanted |= {f"{w}:{s.name}" for s in self.sites if s.kind == "attn" for w in ("q", "k")}
-            if wanted - self._fired:
+            missing = self._wanted - self._fired
+            if missing:
                 # a site never ran its capture (forward hooks under torch.compile): these prompts are lost
-                for sl in step:
-                    self._pending = {r: p for r, p in self._pending.items() if p is not sl.pending}
-                self._count_error_once("hook_errors", f"sites {sorted(wanted - self._fired)} captured nothing "
-                                       "in a prefill step (torch.compile with capture: hooks? use capture: op "
-                                       "or enforce_eager)")
+                lost = {id(sl.pending) for sl in step}
+                self._pending = {r: p for r, p in self._pending.items() if id(p) not in lost}
+                self._count_error("hook_errors", f"sites {sorted(missing)} captured nothing in a prefill step "
+                                  "(torch.compile with capture: hooks? use capture: op or enforce_eager)",
+                                  traceback=False)
                 return
             for sl in step:
                 sl.pending.next_pos += sl.take
@@ -367,13 +359,6 @@ class VllmTap(BaseTap):
                 self._finish(rid, self._pending.pop(rid))
         except Exception:
             self._count_error("hook_errors", "vLLM post-forward failed")
-
-    def _count_error_once(self, counter: str, what: str) -> None:
-        setattr(self.stats, counter, getattr(self.stats, counter) + 1)
-        now = time.monotonic()
-        if now - self._last_error_log > 10.0:
-            self._last_error_log = now
-            log.warning("latentwatch vLLM tap: %s (counted in %s)", what, counter)
 
     def _finish(self, rid: str, pending: _Pending) -> None:
         self._remember(self._done, rid, None)
@@ -383,9 +368,8 @@ class VllmTap(BaseTap):
         n = pending.prompt_len
         cap = _Capture(rows=torch.zeros(1, dtype=torch.long), mask=torch.ones(1, n, dtype=torch.long),
                        keys=[pending.key], texts=None, meta=dict(self.metadata), ts=pending.ts)
-        for site in self.sites:
+        for site, module in zip(self.sites, self._modules, strict=True):
             if site.kind == "attn":
-                module = self._site_module(site)
                 q = torch.cat(pending.q[site.name])[:n].transpose(0, 1)[None]  # [1, heads, T, d]
                 k = torch.cat(pending.k[site.name])[:n].transpose(0, 1)[None]
                 cap.attn[site.name] = attention.AttentionCapture(
@@ -428,10 +412,9 @@ class VllmTap(BaseTap):
         site = self.sites[index]
         try:
             if site.kind == "attn":
-                self._capture_qk(self._site_module(site), site.name, first, second)
+                self._capture_qk(self._modules[index], site.name, first, second)
             else:
-                block = site.layer is not None and site.name.endswith(".resid")
-                self._capture_output(site.name, (first, second) if second is not None else first, block)
+                self._capture_output(site, (first, second) if second is not None else first)
         except Exception:
             self._count_error("hook_errors", f"capture op at {site.name} failed")
         finally:

@@ -10,7 +10,7 @@ tensor from vLLM's parameters, slicing fused ones and padded rows away.
 
 vLLM's CPU backend repacks linear layers into its own kernels' layout after loading and leaves their
 ``weight`` parameters empty; tensor parallelism leaves each worker a shard. Then the tensors come from the
-checkpoint's safetensors files instead (:func:`checkpoint_fingerprint`: the same names and order, cast to
+checkpoint's safetensors files instead (the same names and order, cast to
 the dtype vLLM serves in; it reads the checkpoint once more, from the page cache vLLM just filled).
 When neither works (weights not in local safetensors files, an architecture whose vLLM layout differs in
 another way), :class:`FingerprintMappingError` is raised and the tap falls back to a fingerprint of vLLM's
@@ -23,6 +23,7 @@ The fingerprint includes the dtype: a model served in bfloat16 matches baselines
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -75,39 +76,41 @@ def _mapped(vllm_model: torch.nn.Module, skeleton: torch.nn.Module) -> Iterator[
         yield name, tensor[offset:offset + shape[0]]
 
 
-def hf_fingerprint(vllm_model: torch.nn.Module, hf_config: object) -> str:
-    """The ``transformers`` fingerprint of the weights ``vllm_model`` holds, for the model of ``hf_config``."""
-    skeleton = _hf_skeleton(hf_config)
-    pairs = list(_mapped(vllm_model, skeleton))  # map every tensor before hashing any: all or nothing
-    return fingerprint_parameters(type(skeleton).__name__, hf_config, pairs)
-
-
-def checkpoint_fingerprint(folder: str | Path, hf_config: object, dtype: torch.dtype) -> str:
-    """The ``transformers`` fingerprint of the safetensors checkpoint in ``folder``, loaded as ``dtype``."""
+def _from_checkpoint(folder: str | Path, shapes: list[tuple[str, tuple]],
+                     dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors of ``shapes`` from the safetensors files in ``folder``, each file opened once."""
     from safetensors import safe_open
 
     files = sorted(Path(folder).glob("*.safetensors")) if Path(folder).is_dir() else []
     if not files:
         raise FingerprintMappingError(f"no safetensors checkpoint in {folder}")
-    where: dict[str, Path] = {}
-    for f in files:
-        with safe_open(str(f), framework="pt") as handle:
-            where.update({k: f for k in handle.keys()})  # noqa: SIM118 (safe_open has keys(), no __iter__)
-    skeleton = _hf_skeleton(hf_config)
-    shapes = [(name, tuple(p.shape)) for name, p in skeleton.named_parameters()]
-    missing = [name for name, _ in shapes if name not in where]
-    if missing:
-        raise FingerprintMappingError(f"checkpoint in {folder} lacks {missing[0]} ({len(missing)} tensors)")
-
-    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+    with contextlib.ExitStack() as stack:
+        handles = [stack.enter_context(safe_open(str(f), framework="pt")) for f in files]
+        where = {k: h for h in handles for k in h.keys()}  # noqa: SIM118 (safe_open has keys(), no __iter__)
+        missing = [name for name, _ in shapes if name not in where]
+        if missing:
+            raise FingerprintMappingError(f"checkpoint in {folder} lacks {missing[0]} ({len(missing)} tensors)")
         for name, shape in shapes:
-            with safe_open(str(where[name]), framework="pt") as handle:
-                t = handle.get_tensor(name)
+            t = where[name].get_tensor(name)
             if tuple(t.shape) != shape:
                 raise FingerprintMappingError(f"{name}: checkpoint shape {tuple(t.shape)}, transformers {shape}")
             yield name, t.to(dtype)
 
-    return fingerprint_parameters(type(skeleton).__name__, hf_config, tensors())
+
+def served_fingerprint(vllm_model: torch.nn.Module, hf_config: object, folder: str | Path,
+                       dtype: torch.dtype) -> str:
+    """The ``transformers`` fingerprint of the weights vLLM serves: from ``vllm_model``'s parameters, else
+    (repacked or sharded weights) from the checkpoint in ``folder`` cast to ``dtype``; raises
+    :class:`FingerprintMappingError` when neither maps."""
+    skeleton = _hf_skeleton(hf_config)
+    name = type(skeleton).__name__
+    try:
+        pairs = list(_mapped(vllm_model, skeleton))  # map every tensor before hashing any: all or nothing
+        return fingerprint_parameters(name, hf_config, pairs)
+    except FingerprintMappingError:
+        pass
+    shapes = [(n, tuple(p.shape)) for n, p in skeleton.named_parameters()]
+    return fingerprint_parameters(name, hf_config, _from_checkpoint(folder, shapes, dtype))
 
 
 def native_fingerprint(vllm_model: torch.nn.Module, hf_config: object) -> str:
