@@ -572,6 +572,9 @@ def baseline_build(
     group_by: str = typer.Option("record", help="which records belong together: meta:<key> (a metadata key such "
                                  "as tenant, doc, session), ts:<seconds> (time buckets) or record (each alone)"),
     folds: int = typer.Option(4, help="cross-fit calibration folds of whole groups"),
+    concurrent_groups: int = typer.Option(1, help="groups served side by side: 1 when documents or hours follow "
+                                          "one another; for sessions or tenants, about how many are active in a "
+                                          "window"),
 ) -> None:
     """Build a baseline from reference records and calibrate every detector to the false-alarm budget.
 
@@ -585,6 +588,7 @@ def baseline_build(
 
     try:
         config = AnalyzerConfig(window=window, stride=stride, univariate=univariate, group_by=group_by, folds=folds,
+                                concurrent_groups=concurrent_groups,
                                 false_alarm_every=false_alarm_budget(false_alarm_every, false_alarm_days,
                                                                      sampled_per_second))
     except ValidationError as exc:

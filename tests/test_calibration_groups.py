@@ -267,6 +267,12 @@ def test_beta_binomial_tail_stays_finite_and_ordered_far_in_the_tail():
     binomial.rate_, binomial._tables = np.array([0.01]), {}
     np.testing.assert_allclose(table[:, 1], binomial._table(200)[:, 0])  # below MIN_ICC: the binomial
     assert table[24, 0] < table[24, 1]  # clustering widens the null
+    side = ConceptRate(thresholds=[0.5, 0.5], concurrent_groups=8).fit(np.full((100, 2), 0.1))
+    side.rate_, side.icc_, side._tables = det.rate_, det.icc_, {}
+    assert table[24, 0] < side._table(200)[24, 0] < table[24, 1]  # 8 sessions per window: narrower, not binomial
+    np.testing.assert_allclose(side._table(8)[:, 0], binomial._table(8)[:, 0])  # one record per group: binomial
+    restored = ConceptRate.from_state(side.state())
+    assert restored.concurrent_groups == 8
 
 
 def test_simulated_streams_say_which_pool_rows_they_read_whole_groups_in_order():
@@ -295,3 +301,85 @@ def test_grouped_streams_never_repeat_a_group_back_to_back():
     assert len(lengths) > 150 and np.all(lengths == 3)  # a repeated group would make a block of 6
     one = calibration._grouped_stream(rng, [np.arange(4)], 40)  # a single group can only follow itself: it ends
     assert len(one) == 40
+
+
+def test_interleaved_streams_hold_about_concurrent_groups_per_window_each_in_order():
+    rng = np.random.default_rng(2)
+    runs = [np.arange(40 * i, 40 * (i + 1)) for i in range(30)]
+    idx = calibration._interleaved_stream(rng, runs, 3000, concurrent=6)
+    group = idx // 40
+    per_window = [len(np.unique(group[s : s + 30])) for s in range(0, 2970, 5)]
+    assert 5.5 <= np.mean(per_window) <= 7.5  # about min(window, concurrent) = 6, plus a group ending inside
+    sequential = calibration._grouped_stream(rng, runs, 3000) // 40
+    assert np.mean([len(np.unique(sequential[s : s + 30])) for s in range(0, 2970, 5)]) < 2
+    steps = np.concatenate([np.diff(idx[group == g]) for g in np.unique(group)])
+    assert (steps == 1).mean() > 0.8  # a group's records come in recorded order (a visit restarts it now and then)
+
+
+def interleave(rng: np.random.Generator, x: np.ndarray, g: np.ndarray, concurrent: int) -> np.ndarray:
+    """Rows of ``x`` as ``concurrent`` groups served side by side: each next record from a random open group."""
+    queues = [list(np.flatnonzero(g == k)) for k in np.unique(g)]
+    rng.shuffle(queues)
+    active, out = queues[:concurrent], []
+    waiting = queues[concurrent:]
+    while active:
+        i = int(rng.integers(len(active)))
+        out.append(active[i].pop(0))
+        if not active[i]:
+            active.pop(i)
+            if waiting:
+                active.append(waiting.pop())
+    return x[np.array(out)]
+
+
+@pytest.mark.slow
+def test_concurrent_groups_calibrate_for_sessions_served_side_by_side():
+    """Live traffic of 8 sessions at a time: calibrated for it, the budget holds; calibrated as if sessions
+    came one after another, thresholds sit far above what such windows reach (alarms well under budget,
+    and a real shift is seen later)."""
+    ert = 500
+    with threadpool_limits(1):
+        rng = np.random.default_rng(4)
+        x, g = grouped(rng, 40, 40, spread=0.5)
+        side = ArrayMonitor(window=20, stride=5, false_alarm_every=ert, pca_components=8,
+                            detectors=["meanshift"], concurrent_groups=8).fit(x, g)
+        serial = ArrayMonitor(window=20, stride=5, false_alarm_every=ert, pca_components=8,
+                              detectors=["meanshift"]).fit(x, g)
+        top = np.linalg.svd(x - x.mean(0), full_matrices=False)[2][:3]
+        ratios, delays = {}, {}
+        for name, mon in (("side", side), ("serial", serial)):
+            live_rng = np.random.default_rng(200)
+            alarms = fed = 0
+            for _ in range(60):
+                mon.analyzer_ = Analyzer(mon.baseline_, None, log_alarms=False)
+                y, gy = grouped(live_rng, 16, 40, spread=0.5)
+                alarms += len(mon.update(interleave(live_rng, y, gy, 8)))
+                fed += len(y)
+            ratios[name] = alarms / (fed / ert)
+            found = []
+            for k in range(5):  # along the top 3 directions, as big as a group offset is along them
+                mon.analyzer_ = Analyzer(mon.baseline_, None, log_alarms=False)
+                y, gy = grouped(np.random.default_rng(70 + k), 16, 40, spread=0.5)
+                events = mon.update(interleave(np.random.default_rng(80 + k), y + 0.5 * top.sum(0), gy, 8))
+                found.append(min((e.at_record for e in events), default=len(y) + 1))
+            delays[name] = float(np.median(found))
+    assert 0.3 <= ratios["side"] <= 1.5, ratios
+    assert ratios["serial"] < 0.3, ratios
+    assert delays["side"] < delays["serial"] / 2, delays
+
+
+def test_pseudo_groups_keep_single_records_variation_and_the_held_out_centre():
+    """Many one-record groups beside a few large ones: a pseudo-group made from a single record keeps that
+    record's own deviation (removing its mean erased it), and pseudo-records sit where the held-out records
+    do, wherever the detectors' fit was centred."""
+    rng = np.random.default_rng(6)
+    big = np.repeat(np.arange(5), 40)
+    g = np.concatenate([big, np.arange(5, 205)])
+    x = rng.normal(size=(len(g), 8)) + rng.normal(0, 0.3, size=(205, 8))[g] + 100.0  # the fold sits at 100
+    pseudo, ids = calibration.pseudo_groups({"act:x": x}, g, 400, np.random.default_rng(1))
+    p = pseudo["act:x"]
+    assert np.allclose(p.mean(0), 100.0, atol=0.3)
+    sizes = np.bincount(ids)
+    single = p[np.isin(ids, np.flatnonzero(sizes == 1))]
+    assert len(single) > 100
+    assert 0.7 < single.var(0).mean() / x.var(0).mean() < 1.3

@@ -60,6 +60,10 @@ class AnalyzerConfig(BaseModel):
     max_calibration_evaluations: int = Field(300_000, ge=1000)
     group_by: str = Field("record", pattern=grouping.PATTERN,
                           description="what reference records belong together: meta:<key>, ts:<seconds> or record")
+    concurrent_groups: int = Field(
+        1, ge=1, le=100_000,
+        description="groups whose records arrive interleaved: 1 when documents or hours follow one another; "
+                    "for sessions or tenants served side by side, about how many are active at once")
     folds: int = Field(4, ge=2, le=20, description="cross-fit folds of whole groups")
     calibration_repeats: int = Field(1, ge=1, le=10, description="cross-fit repeats with other fold assignments")
     seed: int = 0
@@ -168,13 +172,13 @@ class Baseline:
                     rng = np.random.default_rng(config.seed + 17 + 31 * (rep * k + f))
                     size = max(1, int(test.sum()) // len(np.unique(held_groups)))
                     n_pseudo = int(min(PSEUDO_GROUPS, max(50, PSEUDO_RECORDS // size)))
-                    center = {fam: v[train].mean(0) for fam, v in sig.items()}  # what these detectors were fitted on
-                    streams["pseudo_groups"] = calibration.pseudo_groups(held_out, held_groups, center, n_pseudo, rng)
+                    streams["pseudo_groups"] = calibration.pseudo_groups(held_out, held_groups, n_pseudo, rng)
                 for j, (kind, (pool_sig, pool_groups)) in enumerate(streams.items()):
                     pools = [slot.detector.transform(pool_sig[slot.family]) for slot in slots]
                     sim = calibration.simulate([s.detector for s in slots], pools, window=config.window,
                                                stride=config.stride, evaluations=max(500, per_fold // len(streams)),
-                                               seed=config.seed + 1 + 31 * (rep * k + f) + 7 * j, groups=pool_groups)
+                                               seed=config.seed + 1 + 31 * (rep * k + f) + 7 * j, groups=pool_groups,
+                                               concurrent=config.concurrent_groups)
                     stats[kind].append(sim.stats)
                 design.append({"repeat": rep, "fold": f, "groups": len(np.unique(group_ids[test])),
                                "records": int(test.sum()), "pseudo_groups": n_pseudo})
@@ -199,6 +203,7 @@ class Baseline:
             "records": int(n), "groups": int(n_groups),
             "calibration_design": {"method": "grouped cross-fit" + (" with pseudo-groups" if grouped else ""),
                                    "group_by": config.group_by, "folds": k, "repeats": config.calibration_repeats,
+                                   "concurrent_groups": config.concurrent_groups,
                                    "groups": int(n_groups),
                                    "per_fold": design},
             "calibration": report,
@@ -222,7 +227,7 @@ class Baseline:
                 det = detectors.REGISTRY[test]().fit(sig[family])
                 slots.append(DetectorSlot(f"{test}:{family}", test, family, det, names))
         if config.concept_rates and probes is not None:
-            det = detectors.ConceptRate(thresholds=probes.thresholds).fit(
+            det = detectors.ConceptRate(thresholds=probes.thresholds, concurrent_groups=config.concurrent_groups).fit(
                 sig["scores"], group_ids if config.group_by != "record" else None)
             slots.append(DetectorSlot("rate:scores", "rate", "scores", det, list(probes.concepts)))
         spread = naming.logit_spread(sig["scores"], probes.concepts) if probes is not None and "scores" in sig else {}

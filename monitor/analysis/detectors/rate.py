@@ -24,6 +24,11 @@ Without it, the concept with the most clustered groups would set the one calibra
 this detector, and a surge of any other concept would have to beat that concept's ordinary topical
 bursts (the demo's 42 % injection surge went unseen behind health conversations).
 
+When ``concurrent_groups`` groups are served side by side (sessions, tenants), a window of ``W``
+records holds about ``C`` of them, ``W / C`` records each, and the overdispersion of its count is
+``1 + (W / C − 1) ρ`` instead of ``1 + (W − 1) ρ``: the beta-binomial uses ``ρ (W / C − 1) / (W − 1)``
+(the binomial once ``C ≥ W``).
+
 Components (attribution and the per-concept surge metric) are the per-concept ``−log10`` tails.
 
 >>> import numpy as np
@@ -55,9 +60,11 @@ MIN_ICC = 1e-4  # below this intra-group correlation a concept keeps the binomia
 class ConceptRate:
     name = "rate"
 
-    def __init__(self, thresholds: Sequence[float] = (0.5,), min_rate: float = 0.002) -> None:
+    def __init__(self, thresholds: Sequence[float] = (0.5,), min_rate: float = 0.002,
+                 concurrent_groups: int = 1) -> None:
         self.thresholds = np.asarray(thresholds, dtype=np.float64)
         self.min_rate = min_rate
+        self.concurrent_groups = concurrent_groups
         self._tables: dict[int, np.ndarray] = {}
 
     def transform(self, scores: np.ndarray, cache: dict | None = None) -> np.ndarray:
@@ -78,8 +85,10 @@ class ConceptRate:
         if table is None:
             h = np.arange(size + 1)[:, None]
             log_pmf = binom.logpmf(h, size, self.rate_[None, :])
-            for c in np.flatnonzero(self.icc_ >= MIN_ICC):  # clustered concepts: the beta-binomial
-                spread = (1 - self.icc_[c]) / self.icc_[c]
+            per_group = max(size / self.concurrent_groups, 1.0)  # records of one group in a window
+            icc = self.icc_ * ((per_group - 1) / (size - 1) if size > 1 else 0.0)
+            for c in np.flatnonzero(icc >= MIN_ICC):  # clustered concepts: the beta-binomial
+                spread = (1 - icc[c]) / icc[c]
                 a, b = self.rate_[c] * spread, (1 - self.rate_[c]) * spread
                 log_pmf[:, c] = betabinom.logpmf(h[:, 0], size, a, b)
             # log P(X >= h) summed from the pmf: scipy's logsf is log(1 - cdf), which saturates near 1e-16
@@ -106,11 +115,13 @@ class ConceptRate:
 
     def state(self) -> dict[str, Any]:
         return {"thresholds": self.thresholds, "rate": self.rate_, "baseline_rate": self.baseline_rate_,
-                "min_rate": np.array([self.min_rate]), "icc": self.icc_}
+                "min_rate": np.array([self.min_rate]), "icc": self.icc_,
+                "concurrent_groups": np.array([self.concurrent_groups])}
 
     @classmethod
     def from_state(cls, state: dict[str, np.ndarray]) -> ConceptRate:
-        det = cls(thresholds=state["thresholds"], min_rate=float(state["min_rate"][0]))
+        concurrent = int(state["concurrent_groups"][0]) if "concurrent_groups" in state else 1  # older files
+        det = cls(thresholds=state["thresholds"], min_rate=float(state["min_rate"][0]), concurrent_groups=concurrent)
         det.rate_, det.baseline_rate_ = np.asarray(state["rate"]), np.asarray(state["baseline_rate"])
         det.icc_ = np.asarray(state["icc"]) if "icc" in state else np.zeros(len(det.rate_))  # older files
         return det
