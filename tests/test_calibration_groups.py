@@ -210,8 +210,30 @@ def test_a_version_1_baseline_is_refused_with_a_clear_message(tmp_path):
     arrays = {"0/x": np.zeros(2)}
     save_file(arrays, str(tmp_path / "old.safetensors"),
               metadata={"latentwatch": meta, "sha256": _digest(meta, arrays)})
-    with pytest.raises(BaselineError, match=r"v1, this build reads v2.*without groups.*latentwatch baseline build"):
+    with pytest.raises(BaselineError, match=r"v1, this build reads v2, v3.*without groups.*latentwatch baseline build"):
         Baseline.load(tmp_path / "old.safetensors")
+
+
+def test_a_version_2_baseline_loads_as_one_group_at_a_time(tmp_path):
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
+
+    from monitor.analysis.baseline import _digest
+
+    rng = np.random.default_rng(1)
+    x, g = grouped(rng, 12, 20)
+    mon = ArrayMonitor(window=20, stride=5, false_alarm_every=500, detectors=["meanshift"]).fit(x, g)
+    path = mon.baseline_.save(tmp_path / "v3.safetensors")
+    with safe_open(str(path), "np") as f:
+        meta = json.loads(f.metadata()["latentwatch"])
+    arrays = load_file(str(path))
+    meta["version"] = 2
+    del meta["config"]["concurrent_groups"]  # what a v2 build wrote
+    text = json.dumps(meta, sort_keys=True)
+    save_file(arrays, str(tmp_path / "v2.safetensors"), metadata={"latentwatch": text, "sha256": _digest(text, arrays)})
+    old = Baseline.load(tmp_path / "v2.safetensors")
+    assert old.config.concurrent_groups == 1
+    assert [s.threshold for s in old.slots] == [s.threshold for s in mon.baseline_.slots]
 
 
 def test_array_monitor_refuses_bad_input():
@@ -270,7 +292,9 @@ def test_beta_binomial_tail_stays_finite_and_ordered_far_in_the_tail():
     side = ConceptRate(thresholds=[0.5, 0.5], concurrent_groups=8).fit(np.full((100, 2), 0.1))
     side.rate_, side.icc_, side._tables = det.rate_, det.icc_, {}
     assert table[24, 0] < side._table(200)[24, 0] < table[24, 1]  # 8 sessions per window: narrower, not binomial
-    np.testing.assert_allclose(side._table(8)[:, 0], binomial._table(8)[:, 0])  # one record per group: binomial
+    crowd = ConceptRate(thresholds=[0.5], concurrent_groups=1000).fit(np.full((100, 1), 0.1))
+    crowd.rate_, crowd.icc_, crowd._tables = np.array([0.01]), np.array([1e-3]), {}
+    np.testing.assert_allclose(crowd._table(200)[:, 0], binomial._table(200)[:, 0])  # rho / C below MIN_ICC
     restored = ConceptRate.from_state(side.state())
     assert restored.concurrent_groups == 8
 
@@ -366,6 +390,21 @@ def test_concurrent_groups_calibrate_for_sessions_served_side_by_side():
     assert 0.3 <= ratios["side"] <= 1.5, ratios
     assert ratios["serial"] < 0.3, ratios
     assert delays["side"] < delays["serial"] / 2, delays
+
+
+def test_pseudo_group_means_vary_like_real_groups_of_their_size():
+    """tau² = σ² = 1: a real group of n records has a mean that varies by 1 + 1/n; so must a pseudo-group's
+    (removing only the shrunken effect left too little: 1.5 instead of 2 for single records)."""
+    rng = np.random.default_rng(9)
+    sizes = np.array([1] * 300 + [2] * 300 + [20] * 60)
+    g = np.repeat(np.arange(len(sizes)), sizes)
+    x = rng.normal(size=(len(g), 4)) + rng.normal(size=(len(sizes), 4))[g]
+    pseudo, ids = calibration.pseudo_groups({"act:x": x}, g, 3000, np.random.default_rng(2))
+    p, n = pseudo["act:x"], np.bincount(ids)
+    means = np.stack([p[ids == k].mean(0) for k in range(len(n))])
+    for size in (1, 2, 20):
+        observed = means[n == size].var(axis=0).mean()
+        assert abs(observed / (1 + 1 / size) - 1) < 0.15, (size, observed)
 
 
 def test_pseudo_groups_keep_single_records_variation_and_the_held_out_centre():

@@ -225,7 +225,7 @@ def test_metrics_negotiate_openmetrics_and_gzip_and_carry_build_and_process_info
         assert {"latentwatch_build", "process_resident_memory_bytes", "latentwatch_records_received"} <= names
         plain = metrics(port)  # no Accept: the classic text format, uncompressed
         build = plain["latentwatch_build_info"].samples[0].labels  # the classic format: a gauge
-        assert build["version"] == version() and build["baseline_format"] == "2"
+        assert build["version"] == version() and build["baseline_format"] == "3"
         assert plain["process_resident_memory_bytes"].samples[0].value > 0
     finally:
         assert stop(proc)[0] == 0

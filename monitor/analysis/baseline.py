@@ -37,7 +37,8 @@ from monitor.probes.probe import ProbeSet
 FORMAT = "latentwatch-baseline"
 PSEUDO_GROUPS = 200  # per fold at most (calibration.pseudo_groups), and about PSEUDO_RECORDS records
 PSEUDO_RECORDS = 20_000
-VERSION = 2  # 2: grouped cross-fit calibration, out-of-sample pca_error, binomial concept rates
+VERSION = 3  # 2: grouped cross-fit calibration, out-of-sample pca_error, binomial concept rates; 3: concurrent_groups
+READS = (2, 3)  # a v2 file is a v3 file with concurrent_groups 1
 
 
 class BaselineError(ValueError):
@@ -141,6 +142,9 @@ class Baseline:
                 "group_by record: the budget holds only if live records are interchangeable with the baseline's; "
                 "traffic that comes in documents, sessions, tenants or hours raises more false alarms than stated. "
                 "Set group_by to meta:<key> or ts:<seconds>")
+            if config.concurrent_groups > 1:
+                warnings.append(f"concurrent_groups {config.concurrent_groups} has no effect with group_by record "
+                                "(every record is its own group already)")
         elif n_groups < grouping.FEW_GROUPS:
             warnings.append(
                 f"{n_groups} groups by {config.group_by}: the false-alarm budget covers only the variation between "
@@ -301,9 +305,10 @@ class Baseline:
             meta = json.loads(meta_text)
             if meta.get("format") != FORMAT:
                 raise BaselineError(f"{path}: not a latentwatch baseline (format {meta.get('format')!r})")
-            if meta.get("version") != VERSION:
+            if meta.get("version") not in READS:
                 raise BaselineError(
-                    f"{path}: baseline format v{meta.get('version')}, this build reads v{VERSION}"
+                    f"{path}: baseline format v{meta.get('version')}, this build reads "
+                    f"v{', v'.join(str(v) for v in READS)}"
                     + (" (v1 was calibrated without groups and cannot be converted)" if meta.get("version") == 1
                        else "")
                     + ": rebuild it from the reference records with `latentwatch baseline build`")

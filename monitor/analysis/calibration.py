@@ -133,8 +133,10 @@ def _interleaved_stream(rng: np.random.Generator, runs: list[np.ndarray], length
     record comes from one of the ``concurrent`` open groups chosen at random, in that group's recorded
     order; a group that ends is replaced by the next of the others (passes of random permutations, as
     in :func:`_grouped_stream`), and the first ones start inside themselves (traffic already flowing).
-    A window of ``W`` records so holds about ``min(W, concurrent)`` groups, and never the same group
-    in two places at once (with fewer groups than ``concurrent``, all of them are open).
+    A window of ``W`` records so holds up to ``concurrent`` groups (about that many when ``concurrent``
+    is well below ``W``; 30 open groups leave about 19 distinct ones in a window of 30), never the same
+    group in two places at once, and a group that ends is not reopened at once unless every group is
+    open (with fewer groups than ``concurrent``, all of them are).
     """
     c = min(concurrent, len(runs))
     pending: list[int] = []
@@ -144,7 +146,7 @@ def _interleaved_stream(rng: np.random.Generator, runs: list[np.ndarray], length
             if not pending:
                 pending.extend(rng.permutation(len(runs)).tolist())
             g = pending.pop()
-            if g not in open_now or len(open_now) == len(runs):
+            if g not in open_now:
                 return g
 
     open_groups: list[int] = []
@@ -160,27 +162,35 @@ def _interleaved_stream(rng: np.random.Generator, runs: list[np.ndarray], length
         idx[i] = runs[g][position[k]]
         position[k] += 1
         if position[k] == len(runs[g]):
+            # not another open group, nor the one just ended (unless every group is open)
             others = set(open_groups[:k] + open_groups[k + 1 :])
-            open_groups[k], position[k] = next_group(others), 0
+            open_groups[k] = next_group(others | {g}) if len(others) + 1 < len(runs) else g
+            position[k] = 0
     return idx
 
 
 def group_effects(sig: dict[str, np.ndarray], groups: np.ndarray
-                  ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Per family two ``[groups, dim]`` arrays: offsets to draw new groups from, and each group's own effect.
+                  ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Per family three ``[groups, dim]`` arrays: offsets to draw new groups from, each group's own effect,
+    and the factor a new offset for that group's records is scaled by.
 
     A group's mean minus the mean of all of ``sig``'s records, ``d_g``, is its true offset
     plus its records' noise ``σ²_within / n_g`` (per dimension; ``σ²_within`` pooled over the groups of
     two or more records, and serving singletons too). With the between-group variance
-    ``τ² = mean d² − mean σ²_within / n_g`` (a one-way random-effects model, moments per dimension):
+    ``τ² = G / (G − 1) · mean d² − mean σ²_within / n_g`` (a one-way random-effects model, moments per
+    dimension, ``G / (G − 1)`` because ``d`` is centred on the fold's own mean):
 
     * the *own effect* is the shrunken estimate ``u_g = d_g · τ² / (τ² + σ²_within / n_g)``: about
       ``d_g`` for a large group, about nothing for a single record whose deviation is mostly its own.
       Removing ``d_g`` itself from a one-record group erased all of its variation; a baseline of many
       small groups then gave pseudo-groups of identical records, and thresholds no shift could reach;
     * the *offsets* are the ``u_g`` scaled to ``mean u² = τ²``, so that new offsets drawn from them have
-      the variance of true group effects, the noise counts once (a pseudo-group's records bring it),
-      and their directions are those of the well-measured groups, not of single records' noise.
+      the variance of true group effects, and their directions are those of the well-measured groups,
+      not of single records' noise;
+    * removing ``u_g`` also removes the part ``b_g s_g`` of the group mean's own noise ``s_g = σ²_within /
+      n_g`` (``b_g = τ² / (τ² + s_g)``), so a new offset for group g's records is scaled by
+      ``sqrt(1 + b_g s_g / τ²)``: the pseudo-group's mean then varies by ``τ² + s_g``, as a real
+      group's of that size does.
 
     Offsets are taken from the held-out records' own mean, not from the mean the detectors were
     fitted on: the fold as a whole may sit away from that (a few far records in the other folds pull
@@ -190,17 +200,22 @@ def group_effects(sig: dict[str, np.ndarray], groups: np.ndarray
     """
     runs = grouping.runs(groups)
     sizes = np.array([len(r) for r in runs], dtype=np.float64)
-    offsets, own = {}, {}
+    offsets, own, boost = {}, {}, {}
     for f in sig:
         x = _space(f, sig[f])
         d = np.stack([x[r].mean(0) for r in runs]) - x.mean(axis=0)
         noise = _pooled_within(x, runs)[None, :] / sizes[:, None]  # [groups, dim]
-        spread = np.mean(d**2, axis=0)
+        n_groups = len(runs)
+        spread = np.mean(d**2, axis=0) * (n_groups / (n_groups - 1) if n_groups > 1 else 1.0)  # centred on the fold
         tau2 = np.clip(spread - noise.mean(axis=0), 0.0, None)
-        own[f] = u = d * np.divide(tau2, tau2 + noise, out=np.zeros_like(noise), where=tau2 + noise > 0)
+        share = np.divide(tau2, tau2 + noise, out=np.zeros_like(noise), where=tau2 + noise > 0)
+        own[f] = u = d * share
         size2 = np.mean(u**2, axis=0)
         offsets[f] = u * np.sqrt(np.divide(tau2, size2, out=np.zeros_like(size2), where=size2 > 0))
-    return offsets, own
+        # removing u_g also removed the part share * noise of the group mean's own noise: a new offset
+        # for group g's records brings it back, so the pseudo-group mean varies by tau2 + noise like a real one
+        boost[f] = np.sqrt(1.0 + np.divide(share * noise, tau2, out=np.zeros_like(noise), where=tau2 > 0))
+    return offsets, own, boost
 
 
 def _pooled_within(x: np.ndarray, runs: list[np.ndarray]) -> np.ndarray:
@@ -221,7 +236,7 @@ def pseudo_groups(sig: dict[str, np.ndarray], groups: np.ndarray, count: int, rn
     live traffic brings groups beyond it, so thresholds set on the real groups alone fire more often
     than stated (2-4x with 40 groups in the synthetic test). A pseudo-group takes the records of a
     random held-out group, removes that group's own effect and adds a new offset
-    ``Σ_j z_j d_j / sqrt(G)``, ``z ~ N(0, 1)``, where ``d_j`` are the offsets of the G held-out groups
+    ``Σ_j z_j u_j / sqrt(G)``, ``z ~ N(0, 1)``, where ``u_j`` are the offsets of the G held-out groups
     (:func:`group_effects`). Only held-out groups: the other folds' groups are in the detectors' fit,
     and their directions look ordinary to them (pooling them made the thresholds too low).
 
@@ -237,7 +252,7 @@ def pseudo_groups(sig: dict[str, np.ndarray], groups: np.ndarray, count: int, rn
     log-normal) halved the excess on held-out State of the Union addresses but raised the concept
     thresholds so far that the demo's 42 % injection surge went undetected.
     """
-    offsets, own = group_effects(sig, groups)
+    offsets, own, boost = group_effects(sig, groups)
     runs = grouping.runs(groups)
     space = {f: _space(f, sig[f]) for f in sig}
     n_offsets = len(runs)
@@ -248,7 +263,7 @@ def pseudo_groups(sig: dict[str, np.ndarray], groups: np.ndarray, count: int, rn
         g = int(rng.integers(len(runs)))
         run = runs[g]
         for f in sig:
-            out[f].append(_unspace(f, space[f][run] - own[f][g] + z @ offsets[f]))
+            out[f].append(_unspace(f, space[f][run] - own[f][g] + boost[f][g] * (z @ offsets[f])))
         ids.append(np.full(len(run), c))
     return {f: np.concatenate(v) for f, v in out.items()}, np.concatenate(ids)
 

@@ -24,10 +24,10 @@ Without it, the concept with the most clustered groups would set the one calibra
 this detector, and a surge of any other concept would have to beat that concept's ordinary topical
 bursts (the demo's 42 % injection surge went unseen behind health conversations).
 
-When ``concurrent_groups`` groups are served side by side (sessions, tenants), a window of ``W``
-records holds about ``C`` of them, ``W / C`` records each, and the overdispersion of its count is
-``1 + (W / C − 1) ρ`` instead of ``1 + (W − 1) ρ``: the beta-binomial uses ``ρ (W / C − 1) / (W − 1)``
-(the binomial once ``C ≥ W``).
+When ``concurrent_groups`` groups are served side by side (sessions, tenants), each record of a
+window comes from one of ``C`` open groups at random, so two records of a window share a group with
+probability about ``1 / C`` and the overdispersion of its count is ``1 + (W − 1) ρ / C`` instead of
+``1 + (W − 1) ρ``: the beta-binomial uses ``ρ / C``.
 
 Components (attribution and the per-concept surge metric) are the per-concept ``−log10`` tails.
 
@@ -85,8 +85,7 @@ class ConceptRate:
         if table is None:
             h = np.arange(size + 1)[:, None]
             log_pmf = binom.logpmf(h, size, self.rate_[None, :])
-            per_group = max(size / self.concurrent_groups, 1.0)  # records of one group in a window
-            icc = self.icc_ * ((per_group - 1) / (size - 1) if size > 1 else 0.0)
+            icc = self.icc_ / self.concurrent_groups  # two records of a window share a group w.p. ~1/C
             for c in np.flatnonzero(icc >= MIN_ICC):  # clustered concepts: the beta-binomial
                 spread = (1 - icc[c]) / icc[c]
                 a, b = self.rate_[c] * spread, (1 - self.rate_[c]) * spread
