@@ -73,3 +73,18 @@ def test_pending_cut_keeps_exactly_the_positions_before():
     assert torch.cat(p.q["a"]).shape[0] == 6
     p.cut(0)
     assert p.acts["s"] == [] and p.next_pos == 0
+
+
+def test_counter_folder_must_be_this_users_alone(tmp_path):
+    import pytest
+
+    from collectors.vllm.private import make_private_folder, private_folder
+
+    folder = tmp_path / "counters"
+    make_private_folder(folder)
+    assert private_folder(folder) and (folder.stat().st_mode & 0o777) == 0o700
+    folder.chmod(0o777)  # another user could plant counter files here
+    assert not private_folder(folder)
+    with pytest.raises(OSError, match="writable by others"):
+        make_private_folder(folder)
+    assert not private_folder(tmp_path / "missing")

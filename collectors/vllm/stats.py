@@ -29,6 +29,7 @@ from prometheus_client.registry import Collector
 from vllm.v1.metrics.loggers import StatLoggerBase
 
 from collectors.metrics import TapCollector
+from collectors.vllm.private import private_folder
 from collectors.vllm.settings import configured
 
 log = logging.getLogger(__name__)
@@ -48,14 +49,22 @@ def _alive(pid: int) -> bool:
 
 
 def read_snapshots(folder: Path) -> list[dict]:
-    """The counters of every live tap that left a file in ``folder`` and of the taps in this process."""
+    """The counters of every live tap that left a file in ``folder`` and of the taps in this process.
+
+    Files are read only from a private folder (:func:`private_folder`) and only when this user owns
+    them: counters another local user wrote are not exported as this server's.
+    """
     from collectors.vllm import tap as tap_module  # the taps running in this process (in-process engine)
 
     snapshots = {id(t): t.snapshot() for t in list(tap_module._TAPS.values())}
     local = {s["pid"] for s in snapshots.values()}
     out = list(snapshots.values())
+    if not private_folder(folder):
+        return out
     for path in sorted(folder.glob("tap-*.json")):
         try:
+            if path.stat().st_uid != os.getuid():
+                continue
             data = json.loads(path.read_text(encoding="utf-8"))
             pid = int(data["pid"])
         except (OSError, ValueError, KeyError, TypeError):

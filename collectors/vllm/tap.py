@@ -56,6 +56,7 @@ from collectors import attention
 from collectors.sinks import FileSink, Sink
 from collectors.sites import Site, default_sites, resolve
 from collectors.tap import BaseTap, _Capture
+from collectors.vllm.private import make_private_folder
 from collectors.vllm.settings import VllmTapSettings
 from collectors.vllm.weights import FingerprintMappingError, native_fingerprint, served_fingerprint
 
@@ -431,7 +432,7 @@ class VllmTap(BaseTap):
         if self.stats_path is None:
             return
         try:
-            self.stats_path.parent.mkdir(parents=True, exist_ok=True)
+            make_private_folder(self.stats_path.parent)
             tmp = self.stats_path.with_suffix(".tmp")
             tmp.write_text(json.dumps(self.snapshot()), encoding="utf-8")
             os.replace(tmp, self.stats_path)
