@@ -573,8 +573,7 @@ def baseline_build(
                                  "as tenant, doc, session), ts:<seconds> (time buckets) or record (each alone)"),
     folds: int = typer.Option(4, help="cross-fit calibration folds of whole groups"),
     concurrent_groups: int = typer.Option(1, help="groups served side by side: 1 when documents or hours follow "
-                                          "one another; for sessions or tenants, about how many are active in a "
-                                          "window"),
+                                          "one another; for sessions or tenants, about how many are open at once"),
 ) -> None:
     """Build a baseline from reference records and calibrate every detector to the false-alarm budget.
 

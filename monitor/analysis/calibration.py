@@ -169,12 +169,14 @@ def _interleaved_stream(rng: np.random.Generator, runs: list[np.ndarray], length
     return idx
 
 
-def group_effects(sig: dict[str, np.ndarray], groups: np.ndarray
+def group_effects(space: dict[str, np.ndarray], runs: list[np.ndarray]
                   ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Per family three ``[groups, dim]`` arrays: offsets to draw new groups from, each group's own effect,
     and the factor a new offset for that group's records is scaled by.
 
-    A group's mean minus the mean of all of ``sig``'s records, ``d_g``, is its true offset
+    ``space`` holds each family's records in the space offsets add in (probe scores in logit space:
+    :func:`_space`), ``runs`` each group's rows (:func:`monitor.analysis.groups.runs`). A group's mean
+    minus the mean of all of the records, ``d_g``, is its true offset
     plus its records' noise ``σ²_within / n_g`` (per dimension; ``σ²_within`` pooled over the groups of
     two or more records, and serving singletons too). With the between-group variance
     ``τ² = G / (G − 1) · mean d² − mean σ²_within / n_g`` (a one-way random-effects model, moments per
@@ -195,18 +197,16 @@ def group_effects(sig: dict[str, np.ndarray], groups: np.ndarray
     Offsets are taken from the held-out records' own mean, not from the mean the detectors were
     fitted on: the fold as a whole may sit away from that (a few far records in the other folds pull
     their mean), which the real held-out groups already bring, and counting it in every group's own
-    effect moved every pseudo-record to the other folds' mean, where no records are. Probe scores are
-    taken in logit space.
+    effect moved every pseudo-record to the other folds' mean, where no records are.
     """
-    runs = grouping.runs(groups)
     sizes = np.array([len(r) for r in runs], dtype=np.float64)
+    centred = len(runs) / (len(runs) - 1) if len(runs) > 1 else 1.0  # d is centred on the fold's own mean
     offsets, own, boost = {}, {}, {}
-    for f in sig:
-        x = _space(f, sig[f])
-        d = np.stack([x[r].mean(0) for r in runs]) - x.mean(axis=0)
-        noise = _pooled_within(x, runs)[None, :] / sizes[:, None]  # [groups, dim]
-        n_groups = len(runs)
-        spread = np.mean(d**2, axis=0) * (n_groups / (n_groups - 1) if n_groups > 1 else 1.0)  # centred on the fold
+    for f, x in space.items():
+        means = np.stack([x[r].mean(0) for r in runs])
+        d = means - x.mean(axis=0)
+        noise = _pooled_within(x, runs, means)[None, :] / sizes[:, None]  # [groups, dim]
+        spread = np.mean(d**2, axis=0) * centred
         tau2 = np.clip(spread - noise.mean(axis=0), 0.0, None)
         share = np.divide(tau2, tau2 + noise, out=np.zeros_like(noise), where=tau2 + noise > 0)
         own[f] = u = d * share
@@ -218,14 +218,15 @@ def group_effects(sig: dict[str, np.ndarray], groups: np.ndarray
     return offsets, own, boost
 
 
-def _pooled_within(x: np.ndarray, runs: list[np.ndarray]) -> np.ndarray:
+def _pooled_within(x: np.ndarray, runs: list[np.ndarray], means: np.ndarray) -> np.ndarray:
     """Per dimension, the within-group variance pooled over groups of two or more records (the total
-    variance when every group is a single record: then the group means are nothing but noise)."""
-    multi = [r for r in runs if len(r) > 1]
+    variance when every group is a single record: then the group means are nothing but noise).
+    ``means`` ``[groups, dim]`` are the groups' means."""
+    multi = [g for g, r in enumerate(runs) if len(r) > 1]
     if not multi:
         return x.var(axis=0, ddof=1) if len(x) > 1 else np.zeros(x.shape[1])
-    ss = sum(((x[r] - x[r].mean(0)) ** 2).sum(axis=0) for r in multi)
-    return ss / sum(len(r) - 1 for r in multi)
+    ss = sum(((x[runs[g]] - means[g]) ** 2).sum(axis=0) for g in multi)
+    return ss / sum(len(runs[g]) - 1 for g in multi)
 
 
 def pseudo_groups(sig: dict[str, np.ndarray], groups: np.ndarray, count: int, rng: np.random.Generator
@@ -252,9 +253,9 @@ def pseudo_groups(sig: dict[str, np.ndarray], groups: np.ndarray, count: int, rn
     log-normal) halved the excess on held-out State of the Union addresses but raised the concept
     thresholds so far that the demo's 42 % injection surge went undetected.
     """
-    offsets, own, boost = group_effects(sig, groups)
     runs = grouping.runs(groups)
     space = {f: _space(f, sig[f]) for f in sig}
+    offsets, own, boost = group_effects(space, runs)
     n_offsets = len(runs)
     out: dict[str, list[np.ndarray]] = {f: [] for f in sig}
     ids = []
