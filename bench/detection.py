@@ -114,10 +114,11 @@ def false_alarm_ratio(base: Baseline, probes: ProbeSet | None, live: list[list[R
 
 
 def simulated_false_alarm_ratio(base: Baseline, probes: ProbeSet | None, live: list[list[Record]], ert: float,
-                                seed: int, evaluations: int = 60_000) -> tuple[float, int, int, dict[str, int]]:
+                                seed: int, evaluations: int = 60_000) -> tuple[float, int, int, dict[str, int], int]:
     """The same measurement as :func:`false_alarm_ratio`, vectorised: the final detectors at their thresholds
-    along streams of whole live groups in random order (``calibration.simulate``), alarms = upward crossings.
-    Also: per live group, the alarms raised while it held most of the window."""
+    along streams of whole live groups in random order (``calibration.simulate``), alarms = upward crossings
+    (summed over detectors, what the budget counts). Also: per live group, the alarms raised while it held
+    most of the window; and the monitor-level episodes (some detector starts firing while none was)."""
     recs = [r for g in live for r in g]
     groups = np.concatenate([np.full(len(g), i) for i, g in enumerate(live)])
     sig = signals.extract(recs, base.shapes, probes)
@@ -127,13 +128,14 @@ def simulated_false_alarm_ratio(base: Baseline, probes: ProbeSet | None, live: l
     exceed = sim.stats > np.array([slot.threshold for slot in base.slots])
     starts = calibration.alarm_starts(exceed)
     alarms = int(starts.sum())
+    episodes = int(calibration.alarm_starts(exceed.any(axis=2, keepdims=True)).sum())
     by_group: dict[str, int] = {}
     for s, e, _ in zip(*np.nonzero(starts), strict=True):
         window_groups = groups[sim.rows[s, e * sim.stride : e * sim.stride + sim.window]]
         name = live[int(np.bincount(window_groups).argmax())][0].meta["doc"]
         by_group[name] = by_group.get(name, 0) + 1
     fed = sim.stats.shape[0] * sim.stats.shape[1] * base.config.stride  # records between evaluations
-    return alarms / (fed / ert), alarms, fed, by_group
+    return alarms / (fed / ert), alarms, fed, by_group, episodes
 
 
 def delays(base: Baseline, probes: ProbeSet | None, pool: list[Record], new: list[Record], rng: np.random.Generator,
@@ -243,7 +245,7 @@ def main() -> None:
                 row: dict = {"groups": len(groups), "records": sum(map(len, groups)), "window": window,
                              "stride": stride, "target_records_between_false_alarms": ert}
                 for group_by in args.group_by.split(","):
-                    ratios, alarms, fed, top = [], 0, 0, []
+                    ratios, alarms, fed, top, episodes = [], 0, 0, [], 0
                     for split in range(splits):
                         rng = np.random.default_rng(100 + split)
                         order = rng.permutation(len(groups))
@@ -258,8 +260,9 @@ def main() -> None:
                             ratio, a, f = false_alarm_ratio(base, probes, live, ert, rng,
                                                             records=(10 if args.quick else 20) * ert)
                         else:
-                            ratio, a, f, by_group = simulated_false_alarm_ratio(
+                            ratio, a, f, by_group, ep = simulated_false_alarm_ratio(
                                 base, probes, live, ert, seed=split, evaluations=20_000 if args.quick else 60_000)
+                            episodes += ep
                             # how concentrated the false alarms are: the live groups that raised most of them
                             worst = sorted(by_group.items(), key=lambda kv: -kv[1])[:3]
                             top.append([[g, round(n / a, 2)] for g, n in worst] if a else [])
@@ -271,6 +274,7 @@ def main() -> None:
                                      "per_split": ratios, "false_alarms": alarms, "records": fed}
                     if top:
                         row[group_by]["alarm_share_of_top_live_groups"] = top
+                        row[group_by]["monitor_episodes_to_budget_ratio"] = round(episodes / (fed / ert), 2)
                 result["noshift"][f"{name}/{cname}"] = row
                 print(f"{name}/{cname}: {json.dumps(row)} ({time.perf_counter() - t0:.0f} s)", flush=True)
         if shifts:

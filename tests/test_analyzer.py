@@ -132,15 +132,41 @@ def test_memory_is_bounded(baseline):
 
 
 def test_batch_size_does_not_change_results(baseline):
-    recs = make_records(700, np.random.default_rng(6), act_shift=0.05)
-    one = Analyzer(baseline, probes())
-    for r in recs:
-        one.update([r])
-    many = Analyzer(baseline, probes())
-    many.update(recs[:33])
-    many.update(recs[33:])
+    rng = np.random.default_rng(6)
+    recs = make_records(400, rng, act_shift=0.05) + make_records(300, rng, act_shift=0.6, concept_shift=2.0)
+
+    def summary(events):
+        return [(e.detector, e.at_record, round(e.statistic, 9), e.exemplars) for e in events]
+
+    one = Analyzer(baseline, probes(), log_alarms=False)
+    one_events = []
+    for i, r in enumerate(recs):
+        one_events += one.update([r])
+        assert one.valid_seen == i + 1  # records waiting for the next evaluation are counted
+    many = Analyzer(baseline, probes(), log_alarms=False)
+    many_events = many.update(recs[:33]) + many.update(recs[33:])
+    assert one_events and summary(one_events) == summary(many_events)
     assert [s.value for s in one.states] == pytest.approx([s.value for s in many.states])
     assert [s.alarms_total for s in one.states] == [s.alarms_total for s in many.states]
+    # readers see the records that have not reached an evaluation point yet
+    whole = Analyzer(baseline, probes(), log_alarms=False)
+    whole.update(recs[:333])  # one batch past the evaluation point at 330: all of it in the windows
+    part = Analyzer(baseline, probes(), log_alarms=False)
+    part.update(recs[:330])
+    part.update(recs[330:333])  # three records waiting for the evaluation at 340
+    for (_, mean_a, _), (_, mean_b, _) in zip(part.window_means(), whole.window_means(), strict=True):
+        assert mean_a == pytest.approx(mean_b)
+    # a checkpoint taken between evaluation points continues exactly
+    paused = Analyzer(baseline, probes(), log_alarms=False)
+    paused.update(recs[:330])
+    paused.update(recs[330:333])  # waiting: not at an evaluation point
+    meta, arrays = paused.state_dict()
+    resumed = Analyzer(baseline, probes(), log_alarms=False)
+    resumed.load_state_dict(meta, arrays)
+    assert resumed.valid_seen == 333
+    rest = resumed.update(recs[333:])
+    assert summary(rest) == summary([e for e in many_events if e.at_record > 333])
+    assert [s.value for s in resumed.states] == pytest.approx([s.value for s in many.states])
 
 
 def _probes_with_validity(rng):
@@ -196,3 +222,24 @@ def test_probe_validity_survives_a_checkpoint_round_trip():
     two = Analyzer(base, ps)
     two.load_state_dict(meta, arrays)
     assert two.probe_validity() == one.probe_validity() and two.out_of_domain() == {"injection"}
+
+
+def test_rows_waiting_for_an_evaluation_are_copies_of_the_callers_arrays():
+    """Rows wait for the next evaluation point before the detectors transform them: a caller that refills
+    one buffer for every record must get what it fed, not the last record stride times."""
+    from monitor.analysis.arrays import ArrayMonitor
+
+    rng = np.random.default_rng(3)
+    groups = np.repeat(np.arange(20), 20)
+    ref = rng.normal(size=(400, 6)) + rng.normal(0, 0.3, size=(20, 6))[groups]
+    mon = ArrayMonitor(window=10, stride=5, false_alarm_every=300, pca_components=3,
+                       max_calibration_evaluations=1000, calibration_alarms=10).fit(ref, groups)
+    x = rng.normal(size=(200, 6))
+    buf = np.empty(6)
+    for row in x:
+        buf[:] = row
+        mon.update(buf)
+    reused = list(mon.statistics.values())
+    mon.analyzer_ = Analyzer(mon.baseline_, None, log_alarms=False)
+    mon.update(x)
+    assert reused == pytest.approx(list(mon.statistics.values()))

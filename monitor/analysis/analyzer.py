@@ -94,11 +94,17 @@ class Analyzer:
         self._score_pos = 0
         # the hashed key of the record in each window slot ("" when fed plain arrays): alarms name exemplars
         self._keys = np.full(self.window, "", dtype=object)
+        # valid rows not yet in the windows: the per-record detector transforms wait for the next evaluation
+        # point and then run once on all of them (one record per update() would otherwise pay every
+        # transform's fixed cost per record); readers of the windows flush them first
+        self._pending: list[tuple[dict[str, np.ndarray], np.ndarray]] = []
+        self._pending_n = 0
+        self._families = sorted({slot.family for slot in baseline.slots})
 
     @property
     def valid_seen(self) -> int:
         """Valid records analyzed so far; an alarm's ``at_record`` is the ordinal of the record it fired on."""
-        return self._seen_valid
+        return self._seen_valid + self._pending_n
 
     # ------------------------------------------------------------------ ingestion
     def update(self, records: Sequence[Record]) -> list[AlarmEvent]:
@@ -169,8 +175,35 @@ class Analyzer:
             self.concept_hits += self.probes.above(sig["scores"]).sum(axis=0)
             self.scored_total += n
             self._push_scores(sig["scores"])
+        self._ensure_states(sig)
+        # copies of what the detectors read (the caller may refill its arrays); a missing family fails here,
+        # on the batch that lacks it
+        self._pending.append(({f: np.array(sig[f]) for f in self._families},
+                              keys if keys is not None else np.full(n, "", dtype=object)))
+        self._pending_n += n
+        if self._pending_n < self.stride and self._seen_valid + self._pending_n < self._next_evaluation():
+            return []
+        return self._flush()
+
+    def _next_evaluation(self) -> int:
+        """The valid-record count at which the windows are next evaluated (a stride multiple, window full)."""
+        after = (self._seen_valid // self.stride + 1) * self.stride
+        return max(after, -(-self.window // self.stride) * self.stride)
+
+    def _flush(self) -> list[AlarmEvent]:
+        """Transform the pending rows (in one batch, at most a stride's worth or what reaches an evaluation
+        point) into the detectors' windows; evaluates where due."""
+        if not self._pending:
+            return []
+        if len(self._pending) == 1:
+            sig, keys = self._pending[0]
+        else:
+            sig = {f: np.concatenate([p[0][f] for p in self._pending]) for f in self._families}
+            keys = np.concatenate([p[1] for p in self._pending])
         cache: dict = {}  # detectors of one site share its PCA projection
-        rows = [st.slot.detector.transform(sig[st.slot.family], cache) for st in self._ensure_states(sig)]
+        rows = [st.slot.detector.transform(sig[st.slot.family], cache) for st in self.states]
+        n = self._pending_n
+        self._pending, self._pending_n = [], 0  # only now: a failing transform loses no rows
         return self._push(rows, n, keys)
 
     def _ensure_states(self, sig: dict[str, np.ndarray]) -> list[DetectorState]:
@@ -182,7 +215,7 @@ class Analyzer:
                                                  np.zeros(width) if mean_based else None))
         return self.states
 
-    def _push(self, rows: list[np.ndarray], n: int, keys: np.ndarray | None = None) -> list[AlarmEvent]:
+    def _push(self, rows: list[np.ndarray], n: int, keys: np.ndarray) -> list[AlarmEvent]:
         fired: list[AlarmEvent] = []
         i = 0
         while i < n:
@@ -192,7 +225,7 @@ class Analyzer:
             for st, r in zip(self.states, rows, strict=True):
                 new = r[i : i + take]
                 st.buffer[idx] = new
-            self._keys[idx] = keys[i : i + take] if keys is not None else ""
+            self._keys[idx] = keys[i : i + take]
             self._pos = (self._pos + take) % self.window
             self._filled = min(self.window, self._filled + take)
             self._seen_valid += take
@@ -230,6 +263,7 @@ class Analyzer:
     # ------------------------------------------------------------------ reading
     def window_means(self) -> Iterator[tuple[DetectorState, np.ndarray, np.ndarray]]:
         """For univariate KS detectors: (state, window mean, baseline mean) per component."""
+        self._flush()
         if not self._filled:
             return
         for st in self.states:
@@ -239,6 +273,7 @@ class Analyzer:
 
     def attribution(self, st: DetectorState, top: int = 5) -> list[tuple[str, float]]:
         """The components of one detector's current window that moved most (largest |contribution|)."""
+        self._flush()
         comps = np.asarray(st.slot.detector.components(st.buffer), dtype=np.float64)
         names = st.slot.components or [f"c{j}" for j in range(len(comps))]
         order = np.argsort(-np.abs(comps))[:top]
@@ -251,6 +286,7 @@ class Analyzer:
         activations for ``meanshift_full``), the largest per-record residual (``pca_error``) or novelty,
         the records hitting the surging concept (``rate``), or the farthest values of the component that
         moved most (univariate tests). Empty when the analyzer was fed plain arrays."""
+        self._flush()
         filled = self._filled
         if not filled:
             return []
@@ -287,6 +323,7 @@ class Analyzer:
     def concept_surge(self) -> tuple[dict[str, float], float] | None:
         """Per concept, the current window's ``−log10`` binomial tail (``rate:scores`` components), and the
         detector's calibrated threshold; None without a rate detector. NaN until the window is full."""
+        self._flush()
         for st in self.states:
             if st.slot.kind == "rate":
                 full = self._filled == self.window
@@ -340,6 +377,7 @@ class Analyzer:
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> tuple[dict, dict[str, np.ndarray]]:
         """Everything a restart needs to continue exactly: (JSON-ready fields, arrays)."""
+        self._flush()
         meta = {"records_total": self.stats.records_total, "invalid_total": dict(self.stats.invalid_total),
                 "evaluations_total": self.stats.evaluations_total, "filled": self._filled, "pos": self._pos,
                 "seen_valid": self._seen_valid, "scored_total": self.scored_total,
@@ -369,6 +407,7 @@ class Analyzer:
             st.alarm, st.alarms_total, st.last_fired_at = bool(d["alarm"]), int(d["alarms_total"]), d["last_fired_at"]
             states.append(st)
         self.states = states
+        self._pending, self._pending_n = [], 0
         self.stats.records_total = int(meta["records_total"])
         self.stats.invalid_total = Counter({k: int(v) for k, v in meta["invalid_total"].items()})
         self.stats.evaluations_total = int(meta["evaluations_total"])

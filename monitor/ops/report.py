@@ -66,7 +66,7 @@ def build_report(records: Sequence[Record], baseline: Baseline, probes: ProbeSet
     for i in range(0, len(records), step):
         events += analyzer.update(records[i : i + step])
         if analyzer.states:
-            history.append((analyzer._seen_valid, [st.value for st in analyzer.states]))
+            history.append((analyzer.valid_seen, [st.value for st in analyzer.states]))
     names = [st.slot.name for st in analyzer.states]
     kinds = [st.slot.kind for st in analyzer.states]
     thresholds = [st.slot.threshold for st in analyzer.states]
