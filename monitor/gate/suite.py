@@ -58,6 +58,9 @@ class Requirements(BaseModel):
                                                    description="largest share above threshold over the held-out "
                                                                "ordinary sources (never trained on)")
     min_recall: float | None = Field(None, ge=0.0, le=1.0, description="out-of-fold recall at the threshold")
+    min_leave_one_kind_out_auroc: float | None = Field(
+        None, ge=0.0, le=1.0, description="specs with contrast sources: positives against their own kind, each kind "
+                                          "scored by a direction fitted on the others")
     max_ece: float | None = Field(None, ge=0.0, le=1.0, description="expected calibration error, out of fold")
 
 

@@ -136,6 +136,11 @@ class ConceptSpec(BaseModel):
         if missing:
             raise ValueError(f"'contrast' sources must also be listed under 'negative' (they are ordinary text and "
                              f"set the threshold too): {', '.join(missing)}")
+        kinds = {s.source for s in self.contrast} & {s.source for s in self.positive}
+        if self.contrast and len(kinds) < 2:
+            raise ValueError(f"'contrast' sources must cover at least 2 kinds of text (sources) that also have "
+                             f"positives, so each kind can be held out while the others teach the direction; "
+                             f"found {len(kinds)}: {', '.join(sorted(kinds)) or 'none'}")
         return self
 
     def poolings(self) -> list[str]:
