@@ -10,7 +10,7 @@ setup:
 demo: setup
 	$(VENV)/latentwatch demo
 
-# everything: real models, servers, brokers (11-22 min on 2 cores); what CI (.ci/run) runs
+# everything: real models, servers, brokers (10-22 min on 2 cores); what CI (.ci/run) runs
 test: setup lint
 	$(VENV)/python -m pytest -q
 

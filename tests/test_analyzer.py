@@ -243,3 +243,23 @@ def test_rows_waiting_for_an_evaluation_are_copies_of_the_callers_arrays():
     mon.analyzer_ = Analyzer(mon.baseline_, None, log_alarms=False)
     mon.update(x)
     assert reused == pytest.approx(list(mon.statistics.values()))
+
+
+def test_a_failing_transform_drops_its_rows_and_does_not_wedge_the_analyzer(baseline, monkeypatch):
+    recs = make_records(300, np.random.default_rng(8))
+    a = Analyzer(baseline, probes(), log_alarms=False)
+    a.update(recs[:200])
+    det = a.states[0].slot.detector
+    original = det.transform
+
+    def broken(x, cache=None):
+        raise FloatingPointError("boom")
+
+    monkeypatch.setattr(det, "transform", broken)
+    a.update(recs[200:203])  # waiting for the evaluation at 210: not transformed yet
+    with pytest.raises(FloatingPointError):
+        a.update(recs[203:210])
+    assert a.stats.invalid_total["transform"] == 10 and a.valid_seen == 200
+    monkeypatch.setattr(det, "transform", original)
+    a.update(recs[210:300])  # carries on
+    assert a.valid_seen == 290 and a.stats.evaluations_total > 0

@@ -191,8 +191,9 @@ class Analyzer:
         return max(after, -(-self.window // self.stride) * self.stride)
 
     def _flush(self) -> list[AlarmEvent]:
-        """Transform the pending rows (in one batch, at most a stride's worth or what reaches an evaluation
-        point) into the detectors' windows; evaluates where due."""
+        """Transform every pending row in one batch into the detectors' windows; ``_push`` evaluates where
+        due. Rows whose transform fails are counted (``invalid_total["transform"]``) and dropped, so one
+        bad batch cannot wedge every later update or reader; the error is raised."""
         if not self._pending:
             return []
         if len(self._pending) == 1:
@@ -200,10 +201,14 @@ class Analyzer:
         else:
             sig = {f: np.concatenate([p[0][f] for p in self._pending]) for f in self._families}
             keys = np.concatenate([p[1] for p in self._pending])
-        cache: dict = {}  # detectors of one site share its PCA projection
-        rows = [st.slot.detector.transform(sig[st.slot.family], cache) for st in self.states]
         n = self._pending_n
-        self._pending, self._pending_n = [], 0  # only now: a failing transform loses no rows
+        self._pending, self._pending_n = [], 0
+        try:
+            cache: dict = {}  # detectors of one site share its PCA projection
+            rows = [st.slot.detector.transform(sig[st.slot.family], cache) for st in self.states]
+        except Exception:
+            self.stats.invalid_total["transform"] += n
+            raise
         return self._push(rows, n, keys)
 
     def _ensure_states(self, sig: dict[str, np.ndarray]) -> list[DetectorState]:

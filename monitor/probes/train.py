@@ -329,7 +329,8 @@ def train_probe(
     # high, which makes the threshold conservative on them. Holding a kind's positives and contrast out
     # together instead (tried) scored the seen sources fairly, but 7 % of unseen Italian quotations then
     # passed the threshold (1.5 % this way) at the same drug-review AUROC (docs/probes.md)
-    kind_arr = np.array([str(s_).split("[")[0] for s_ in source_arr], dtype=object)
+    kind_of = {s_.label(): s_.source for s_ in (*spec.positive, *spec.negative)}  # the loader, as the spec check
+    kind_arr = np.array([kind_of.get(str(s_), str(s_)) for s_ in source_arr], dtype=object)
     kinds = sorted(set(kind_arr[pos].tolist()) & set(kind_arr[contrast].tolist()))
     if contrast_labels and len(kinds) < 2:
         raise ValueError(f"concept {spec.concept!r}: the contrast sources with texts cover {len(kinds)} kind(s) of "
@@ -342,7 +343,7 @@ def train_probe(
         recall = float((logits[pos] >= thr).mean())
         return thr, recall, _auroc(y[pos | ordinary], logits[pos | ordinary])
 
-    def transfer_auroc(x: np.ndarray, c: float) -> float | None:
+    def leave_one_kind_out_auroc(x: np.ndarray, c: float) -> float | None:
         """Mean over kinds of the AUROC of that kind's positives against its contrast texts, scored by a
         model fitted on the other kinds only (None without contrast sources)."""
         if not contrast_labels:
@@ -352,7 +353,8 @@ def train_probe(
             test = (kind_arr == kind) & (pos | contrast)
             train = fit_rows & (kind_arr != kind)
             pipe = fit_pipeline(c, spec.seed, x[train], y[train])
-            aucs.append(_auroc(y[test], pipe.decision_function(x[test])) or 0.5)
+            auc = _auroc(y[test], pipe.decision_function(x[test]))
+            aucs.append(0.5 if auc is None else auc)
         return round(float(np.mean(aucs)), 4)
 
     selection: list[dict[str, Any]] = []
@@ -365,19 +367,19 @@ def train_probe(
             for c in C_GRID:
                 logits = _oof_logits(x, y, fold, c, spec.seed, fit_rows)
                 thr, recall, auc = evaluate_candidate(logits)
-                c_auc = transfer_auroc(x, c)
+                loko = leave_one_kind_out_auroc(x, c)
                 long_ord = ordinary & (buckets == long_bucket)
                 selection.append({
                     "site": s_name, "pooling": pooling, "C": c, "recall_at_threshold": round(recall, 4),
                     "loso_auroc": auc,
-                    **({"leave_one_kind_out_auroc": c_auc} if contrast_labels else {}),
+                    **({"leave_one_kind_out_auroc": loko} if contrast_labels else {}),
                     "long_inputs_ordinary_above_threshold_rate":
                         round(float((logits[long_ord] >= thr).mean()), 4) if long_ord.any() else None,
                 })
                 # a concept with contrast sources is common in ordinary text: recall at a 2 % FPR says
                 # little there, so its candidates are ranked by how well the direction carries to a kind
                 # of text it was not fitted on
-                key = ((c_auc or 0.0, recall) if contrast_labels else (recall, auc or 0.0))
+                key = ((loko or 0.0, recall) if contrast_labels else (recall, auc or 0.0))
                 if best is None or key > best[0]:
                     best = (key, s_name, pooling, c, logits)
     assert best is not None
