@@ -176,14 +176,14 @@ class Analyzer:
             self.scored_total += n
             self._push_scores(sig["scores"])
         self._ensure_states(sig)
-        # copies of what the detectors read (the caller may refill its arrays); a missing family fails here,
-        # on the batch that lacks it
-        self._pending.append(({f: np.array(sig[f]) for f in self._families},
+        pending = self._pending_n + n
+        waits = pending < self.stride and self._seen_valid + pending < self._next_evaluation()
+        # what the detectors read (a missing family fails here, on the batch that lacks it); copies only for
+        # rows that wait beyond this call, since the caller may refill its arrays
+        self._pending.append(({f: np.array(sig[f]) if waits else sig[f] for f in self._families},
                               keys if keys is not None else np.full(n, "", dtype=object)))
-        self._pending_n += n
-        if self._pending_n < self.stride and self._seen_valid + self._pending_n < self._next_evaluation():
-            return []
-        return self._flush()
+        self._pending_n = pending
+        return [] if waits else self._flush()
 
     def _next_evaluation(self) -> int:
         """The valid-record count at which the windows are next evaluated (a stride multiple, window full)."""
